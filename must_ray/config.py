@@ -1,0 +1,480 @@
+"""Typed configuration: dataclasses loaded from YAML, ``--set`` overrides, fail-fast validation.
+
+Every job reads one :class:`Config` (``jobs/configs/*.yaml``). Unknown keys, wrong types and
+bad values raise :class:`ConfigError` naming the dotted key *before* any work starts.
+Sections that a job does not use are still validated, so a typo anywhere is caught early.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+class ConfigError(ValueError):
+    """A configuration problem; the message always names the offending dotted key."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class PathsConfig:
+    """Where a pipeline run writes. ``root`` relocates every output; the others are relative to it
+    unless absolute (or a URI such as ``s3://bucket/x``)."""
+
+    root: str = "out"
+    world: str = "world"
+    teachers: str = "teachers"
+    labels: str = "labels"
+    student: str = "student"
+    reports: str = "reports"
+
+    def resolve(self, name: str) -> str:
+        """The full location of output ``name`` (``world``, ``teachers`` ...) under ``root``."""
+        value = getattr(self, name)
+        if "://" in value or os.path.isabs(value):
+            return value
+        return os.path.join(self.root, value)
+
+
+@dataclass
+class SplitConfig:
+    """One named split of the synthetic world."""
+
+    num: int = 64
+    seed_offset: int = 0
+    tasks: list[str] = field(default_factory=list)  # ground-truth task columns to keep ([] = image only)
+    domain: Literal["default", "dim", "bright", "cluttered"] = "default"
+
+    def validate(self, key: str) -> None:
+        if self.num < 0:
+            raise ConfigError(f"{key}.num must be >= 0, got {self.num}")
+        for t in self.tasks:
+            if t not in _known_tasks():
+                raise ConfigError(f"{key}.tasks: unknown task {t!r}; known: {', '.join(_known_tasks())}")
+
+
+def _default_splits() -> dict[str, SplitConfig]:
+    names = _known_tasks()
+    splits = {f"teacher_{t}": SplitConfig(num=256, seed_offset=1000 * (i + 1), tasks=[t]) for i, t in enumerate(names)}
+    splits["unlabeled"] = SplitConfig(num=1024, seed_offset=100_000, tasks=[])
+    splits["test"] = SplitConfig(num=128, seed_offset=900_000, tasks=list(names))
+    return splits
+
+
+@dataclass
+class WorldConfig:
+    """The embedded synthetic multi-task world (see ``must_ray.world``)."""
+
+    seed: int = 0
+    image_size: int = 64
+    min_objects: int = 2
+    max_objects: int = 5
+    splits: dict[str, SplitConfig] = field(default_factory=_default_splits)
+    render_batch: int = 32  # scenes rendered together (vectorised) per Ray Data batch
+    rows_per_file: int = 512
+
+    def validate(self, key: str) -> None:
+        if not 16 <= self.image_size <= 1024:
+            raise ConfigError(f"{key}.image_size must be in [16, 1024], got {self.image_size}")
+        if not 1 <= self.min_objects <= self.max_objects <= 16:
+            raise ConfigError(
+                f"{key}.min_objects/max_objects must satisfy 1 <= min <= max <= 16, "
+                f"got {self.min_objects}/{self.max_objects}"
+            )
+        if self.render_batch < 1:
+            raise ConfigError(f"{key}.render_batch must be >= 1, got {self.render_batch}")
+        if self.rows_per_file < 1:
+            raise ConfigError(f"{key}.rows_per_file must be >= 1, got {self.rows_per_file}")
+        for name, split in self.splits.items():
+            split.validate(f"{key}.splits.{name}")
+
+
+@dataclass
+class TaskConfig:
+    """Per-task knobs shared by heads, teacher adapters and metrics. Unused knobs are ignored."""
+
+    loss_weight: float = 1.0
+    # classification
+    topk: int = 5
+    temperature: float = 1.0
+    # detection
+    score_threshold: float = 0.3
+    nms_iou: float = 0.5
+    max_boxes: int = 20
+    # segmentation
+    confidence_threshold: float = 0.0  # pixels below -> ignore (255)
+    # depth
+    depth_scale: float = 0.001  # metres per uint16 unit in the table (1 mm)
+    max_depth: float = 20.0
+
+    def validate(self, key: str) -> None:
+        if self.loss_weight < 0:
+            raise ConfigError(f"{key}.loss_weight must be >= 0, got {self.loss_weight}")
+        if self.topk < 1:
+            raise ConfigError(f"{key}.topk must be >= 1, got {self.topk}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{key}.temperature must be > 0, got {self.temperature}")
+        for name in ("score_threshold", "nms_iou", "confidence_threshold"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{key}.{name} must be in [0, 1], got {v}")
+        if self.max_boxes < 1:
+            raise ConfigError(f"{key}.max_boxes must be >= 1, got {self.max_boxes}")
+        if not 0 < self.depth_scale:
+            raise ConfigError(f"{key}.depth_scale must be > 0, got {self.depth_scale}")
+        if self.max_depth <= 0 or self.max_depth / self.depth_scale > 65535:
+            raise ConfigError(
+                f"{key}.max_depth must be > 0 and fit uint16 at depth_scale "
+                f"(max_depth/depth_scale <= 65535), got {self.max_depth}/{self.depth_scale}"
+            )
+
+
+def _default_tasks() -> dict[str, TaskConfig]:
+    return {t: TaskConfig() for t in _known_tasks()}
+
+
+@dataclass
+class ModelConfig:
+    """A ``MultiTaskModel``: timm backbone + FPN neck + one head per task."""
+
+    backbone: str = "test_resnet"  # any timm model name that supports features_only
+    fpn_channels: int = 64
+    pretrained: bool = False  # timm hub weights (needs internet) unless backbone_weights is set
+    backbone_weights: Optional[str] = None  # a local timm/PyTorch weights file for the backbone
+    init_checkpoint: Optional[str] = None  # start from an exported must-ray model (matching parts load)
+
+    def validate(self, key: str) -> None:
+        if self.fpn_channels < 8:
+            raise ConfigError(f"{key}.fpn_channels must be >= 8, got {self.fpn_channels}")
+        if not self.backbone:
+            raise ConfigError(f"{key}.backbone must name a timm model")
+
+
+@dataclass
+class TrainConfig:
+    """One Ray Train run (a teacher or the student): data, schedule, scaling, checkpoints."""
+
+    data: list[str] = field(default_factory=list)  # examples tables; [] = the pipeline's default for the role
+    tasks: list[str] = field(default_factory=list)  # [] = every task with labels in the data
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 10
+    max_steps: Optional[int] = None  # stop after this many optimiser steps (overrides epochs)
+    global_batch_size: int = 64  # images per optimiser step over all workers
+    lr: float = 2e-3  # AdamW peak learning rate at global_batch_size
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    ema_decay: float = 0.0  # 0 = no EMA of weights
+    task_weighting: Literal["fixed", "uncertainty"] = "fixed"
+    augment: bool = True
+    crop_scale_min: float = 0.6  # random crop keeps at least this fraction of the image area
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    channels_last: bool = True
+    num_workers: list[int] = field(default_factory=lambda: [1, 1])  # [min, max] (elastic when min < max)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3
+    checkpoint_every_steps: int = 100
+    num_to_keep: int = 2
+    report_every_steps: int = 10
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        if len(self.num_workers) != 2 or not 1 <= self.num_workers[0] <= self.num_workers[1]:
+            raise ConfigError(f"{key}.num_workers must be [min, max] with 1 <= min <= max, got {self.num_workers}")
+        for name in ("epochs", "global_batch_size", "report_every_steps", "checkpoint_every_steps", "num_to_keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{key}.max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.global_batch_size < self.num_workers[1]:
+            raise ConfigError(f"{key}.global_batch_size ({self.global_batch_size}) must be >= the max number of workers")
+        if self.lr <= 0:
+            raise ConfigError(f"{key}.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"{key}.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.05 <= self.crop_scale_min <= 1.0:
+            raise ConfigError(f"{key}.crop_scale_min must be in [0.05, 1], got {self.crop_scale_min}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"{key}.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            raise ConfigError(f"{key}.max_failures must be >= -1 (-1 = retry forever), got {self.max_failures}")
+        for t in self.tasks:
+            if t not in _known_tasks():
+                raise ConfigError(f"{key}.tasks: unknown task {t!r}; known: {', '.join(_known_tasks())}")
+
+
+@dataclass
+class TeacherConfig:
+    """Where one task's teacher comes from when labelling."""
+
+    kind: Literal["checkpoint", "timm", "torchvision_detector", "torchvision_segmenter", "random"] = "checkpoint"
+    path: Optional[str] = None  # checkpoint / weights file; default for kind=checkpoint: the trained teacher
+    model_name: Optional[str] = None  # timm / torchvision model name for off-the-shelf kinds
+    class_map: dict[str, int] = field(default_factory=dict)  # off-the-shelf class name/id -> our class id
+
+    def validate(self, key: str) -> None:
+        if self.kind in ("timm", "torchvision_detector", "torchvision_segmenter") and not self.model_name:
+            raise ConfigError(f"{key}.model_name is required for kind={self.kind!r}")
+
+
+def _default_teachers() -> dict[str, TeacherConfig]:
+    return {t: TeacherConfig() for t in _known_tasks()}
+
+
+@dataclass
+class LabelConfig:
+    """Pseudo-labelling with Ray Data: inputs, teacher actors, output."""
+
+    input: Optional[str] = None  # folder/glob/URI of images or a Parquet table; None = the world's unlabeled split
+    output: Optional[str] = None  # None = <paths.root>/<paths.labels>
+    teachers: dict[str, TeacherConfig] = field(default_factory=_default_teachers)
+    image_size: Optional[int] = None  # decode+resize once to this size for all teachers; None = world.image_size
+    batch_size: int = 64
+    actors: list[int] = field(default_factory=lambda: [1, 1])  # ActorPoolStrategy [min_size, max_size]
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    max_image_pixels: int = 50_000_000  # larger images are quarantined (decompression bombs)
+
+    def validate(self, key: str) -> None:
+        if len(self.actors) != 2 or not 1 <= self.actors[0] <= self.actors[1]:
+            raise ConfigError(f"{key}.actors must be [min, max] with 1 <= min <= max, got {self.actors}")
+        if self.batch_size < 1:
+            raise ConfigError(f"{key}.batch_size must be >= 1, got {self.batch_size}")
+        if self.image_size is not None and not 16 <= self.image_size <= 4096:
+            raise ConfigError(f"{key}.image_size must be in [16, 4096], got {self.image_size}")
+        if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0:
+            raise ConfigError(f"{key}.num_cpus_per_actor/num_gpus_per_actor must be >= 0")
+        if self.max_image_pixels < 1:
+            raise ConfigError(f"{key}.max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        for t in self.teachers:
+            if t not in _known_tasks():
+                raise ConfigError(f"{key}.teachers.{t}: unknown task; known: {', '.join(_known_tasks())}")
+
+
+@dataclass
+class RayConfig:
+    """How a job connects to Ray. ``address=None`` attaches to a running cluster when there is one
+    (e.g. under ``ray job submit``) and otherwise starts a local instance."""
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None  # only for a local instance
+
+    def validate(self, key: str) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"{key}.num_cpus must be >= 1, got {self.num_cpus}")
+
+
+@dataclass
+class Config:
+    """The whole configuration of a must-ray pipeline run."""
+
+    name: str = "must"
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    tasks: dict[str, TaskConfig] = field(default_factory=_default_tasks)
+    teacher: TrainConfig = field(default_factory=TrainConfig)  # each teacher's run (one task)
+    student: TrainConfig = field(default_factory=TrainConfig)  # the multi-task student's run
+    label: LabelConfig = field(default_factory=LabelConfig)
+
+    def validate(self, key: str = "") -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name must be a non-empty string without '/', got {self.name!r}")
+        for t in self.tasks:
+            if t not in _known_tasks():
+                raise ConfigError(f"tasks.{t}: unknown task; known: {', '.join(_known_tasks())}")
+
+
+def _known_tasks() -> tuple[str, ...]:
+    # The registry is the source of truth; imported lazily to keep config import-light.
+    from must_ray.tasks import registered_task_names
+
+    return registered_task_names()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp`` (recursively), converting ints to floats where a float
+    is expected and dicts to dataclasses. Raises ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"{key}: unknown key; valid keys here: {', '.join(sorted(names))}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _validate_tree(obj: Any, key: str) -> None:
+    if dataclasses.is_dataclass(obj):
+        if hasattr(obj, "validate"):
+            obj.validate(key)
+        for f in dataclasses.fields(obj):
+            _validate_tree(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _validate_tree(v, f"{key}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _validate_tree(v, f"{key}[{i}]")
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``dotted.key=value``; the value is read as YAML (``3``, ``0.5``, ``true``, ``[a, b]``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+    return key, value
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A plain-dict (YAML/JSON-ready) copy of a config, e.g. for checkpoints and provenance."""
+    return _to_plain(cfg)
+
+
+def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build and validate a :class:`Config` from a mapping plus ``dotted.key=value`` overrides."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError("the config must be a mapping at the top level")
+    # YAML and overrides merge *into* the defaults (mappings key by key), so a config that tunes
+    # one task's threshold keeps the other tasks, and `--set world.splits.test.num=8` works even
+    # when the YAML does not mention that split.
+    merged = _deep_merge(config_to_dict(Config()), data or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(merged, key, value)
+    cfg = _build(Config, merged, "")
+    _validate_tree(cfg, "")
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``path`` (YAML; ``None`` = built-in defaults) and apply ``--set`` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None

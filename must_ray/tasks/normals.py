@@ -1,0 +1,164 @@
+"""Surface normal estimation.
+
+**Label**: float32 (H, W, 3) unit vectors in the camera frame (x right, y up, z towards the
+viewer); a zero vector marks an invalid pixel. A left-right flip negates x.
+
+**Column**: ``normals_png`` binary — RGB PNG with ``rgb = round((n + 1) * 127.5)``, invalid pixels
+(128, 128, 128) (:func:`schema.encode_normals`). Round trip: within 1 degree.
+
+**Head**: :class:`~must_ray.tasks._layers.DenseHead` with three channels, L2-normalised per pixel
+(so outputs are unit vectors), upsampled to the input size.
+
+**Loss**: ``1 - cos`` between predicted and ground-truth normals over valid pixels (|n| > 0.5),
+per row mean, then mean over labelled rows.
+
+**Predict** (teacher adapter): the normalised (H, W, 3) map.
+
+**Metric**: angular error over valid ground-truth pixels: ``mean_angle`` (degrees; primary, lower
+is better), ``median_angle`` (from a 0.05-degree histogram, so the state stays small and
+mergeable) and ``within_11_25`` / ``within_22_5`` / ``within_30`` (% of pixels under the angle).
+A missing prediction counts as 180 degrees everywhere; a zero predicted vector as 90 degrees.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from must_ray.schema import decode_normals, encode_normals
+from must_ray.tasks import register_task
+from must_ray.tasks._layers import DenseTask, as_bytes, is_null
+
+BIN_DEG = 0.05
+NUM_BINS = int(round(180 / BIN_DEG))
+THRESHOLDS = (11.25, 22.5, 30.0)
+
+
+def _within_key(t: float) -> str:
+    return "within_" + f"{t:g}".replace(".", "_")
+
+
+def angular_error_deg(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Angle in degrees between (..., 3) vectors, via atan2(|a x b|, a . b) — accurate for tiny
+    angles too; a zero vector gives 90 degrees against anything."""
+    a = pred.astype(np.float64)
+    b = gt.astype(np.float64)
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    cross = np.linalg.norm(np.cross(a, b), axis=-1)
+    dot = (a * b).sum(-1)
+    return np.degrees(np.arctan2(cross, dot))
+
+
+@register_task
+class NormalsTask(DenseTask):
+    """Per-pixel camera-frame surface normal regression."""
+
+    name = "normals"
+    primary_metric = "mean_angle"
+    higher_is_better = False
+    out_channels = 3
+    label_channels = 3
+    target_key = "normals"
+    label_dtype = np.float32
+    fill_value = 0.0
+    normalize_head = True
+
+    # ------------------------------------------------------------------ table
+    @classmethod
+    def columns(cls) -> list[pa.Field]:
+        return [pa.field("normals_png", pa.binary(), nullable=True)]
+
+    def encode(self, label: Any) -> dict[str, Any]:
+        if label is None:
+            return self.null_cells()
+        arr = np.asarray(label, dtype=np.float32)
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"normals label must be (H, W, 3), got {arr.shape}")
+        return {"normals_png": encode_normals(arr)}
+
+    def decode(self, cells: dict[str, Any]) -> Any:
+        cell = cells.get("normals_png")
+        if is_null(cell):
+            return None
+        return decode_normals(as_bytes(cell))
+
+    # ------------------------------------------------------------------ augmentation
+    def flip_label(self, arr: np.ndarray) -> np.ndarray:
+        """A mirrored surface faces the mirrored way: negate x (zero vectors stay zero)."""
+        out = np.array(arr, dtype=np.float32, copy=True)
+        out[..., 0] *= -1.0
+        out[..., 0] += 0.0  # no -0.0
+        return out
+
+    # ------------------------------------------------------------------ model side
+    def targets(self, labels: Sequence[Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """``normals`` (B, 3, H, W) float32 (zeros where unlabelled/invalid) + ``mask``."""
+        out = super().targets(labels, image_size)
+        out["normals"] = out["normals"].permute(0, 3, 1, 2).contiguous()
+        return out
+
+    def pixel_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        target = target.to(outputs.dtype)
+        valid = target.norm(dim=1) > 0.5
+        cos = (F.normalize(outputs, dim=1, eps=1e-6) * F.normalize(target, dim=1, eps=1e-6)).sum(dim=1)
+        return 1.0 - cos, valid
+
+    def postprocess(self, outputs: torch.Tensor) -> list[Any]:
+        n = F.normalize(outputs, dim=1, eps=1e-6).permute(0, 2, 3, 1)
+        return [m.numpy().astype(np.float32) for m in n]
+
+    # ------------------------------------------------------------------ evaluation
+    def metric_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"sum": 0.0, "count": 0, "hist": np.zeros(NUM_BINS, dtype=np.int64)}
+        state.update({_within_key(t): 0 for t in THRESHOLDS})
+        return state
+
+    def metric_update(self, state: dict, preds: Sequence[Any], gts: Sequence[Any]) -> dict:
+        state = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+        for p, g in self.pairs(preds, gts):
+            valid = np.linalg.norm(g.astype(np.float64), axis=-1) > 0.5
+            if not valid.any():
+                continue
+            if p is None:
+                ang = np.full(int(valid.sum()), 180.0)
+            else:
+                ang = angular_error_deg(p[valid], g[valid])
+            state["sum"] += float(ang.sum())
+            state["count"] += int(ang.size)
+            bins = np.clip((ang / BIN_DEG).astype(np.int64), 0, NUM_BINS - 1)
+            state["hist"] += np.bincount(bins, minlength=NUM_BINS)
+            for t in THRESHOLDS:
+                state[_within_key(t)] += int((ang < t).sum())
+        return state
+
+    def metric_merge(self, a: dict, b: dict) -> dict:
+        return {k: a[k] + b[k] for k in a}
+
+    def metric_compute(self, state: dict) -> dict[str, float]:
+        n = state["count"]
+        if not n:
+            out = {"mean_angle": 180.0, "median_angle": 180.0}
+            out.update({_within_key(t): 0.0 for t in THRESHOLDS})
+            return out
+        cum = np.cumsum(state["hist"])
+        median_bin = int(np.searchsorted(cum, (n + 1) / 2.0))
+        out = {"mean_angle": state["sum"] / n, "median_angle": (median_bin + 0.5) * BIN_DEG}
+        out.update({_within_key(t): 100.0 * state[_within_key(t)] / n for t in THRESHOLDS})
+        return out
+
+    # ------------------------------------------------------------------ baselines
+    def trivial_prediction(self, gts: Sequence[Any]) -> list[Any]:
+        """The mean valid ground-truth normal (over all of ``gts``), normalised, everywhere."""
+        total = np.zeros(3, dtype=np.float64)
+        for g in gts:
+            if g is not None:
+                g = np.asarray(g, dtype=np.float64).reshape(-1, 3)
+                total += g[np.linalg.norm(g, axis=-1) > 0.5].sum(axis=0)
+        norm = np.linalg.norm(total)
+        mean = total / norm if norm > 0 else np.array([0.0, 0.0, 1.0])
+        return [None if g is None else np.broadcast_to(mean.astype(np.float32), np.asarray(g).shape[:2] + (3,)).copy()
+                for g in gts]

@@ -1,0 +1,141 @@
+"""Semantic segmentation.
+
+**Label**: uint8 (H, W) class map: 0 = background, ``c + 1`` = object category ``c``, 255 = ignore.
+So the task has ``C + 1`` classes.
+
+**Column**: ``seg_png`` binary — the map as an 8-bit grey PNG (:func:`schema.encode_png`).
+
+**Head**: :class:`~must_ray.tasks._layers.DenseHead` — all levels fused at stride 4, conv-bn-relu,
+1x1 conv to ``C + 1`` logits, bilinear upsampling to the input size.
+
+**Loss**: per-pixel cross-entropy, ignoring 255, averaged per row over its valid pixels and then
+over labelled rows (unlabelled rows: zero loss, zero gradient).
+
+**Predict** (teacher adapter): softmax, argmax; pixels whose max probability is below
+``cfg.confidence_threshold`` become 255 (ignore), so uncertain pseudo labels do not train.
+
+**Metric**: ``miou`` (primary, higher is better) over the ``C + 1`` classes from a confusion matrix
+(rows = ground truth, columns = prediction plus one "no prediction" column for 255/missing
+predictions, which count as misses of the true class); classes absent from both ground truth and
+prediction are left out of the mean. Also ``pixel_acc``. The state is the matrix, merged by sum.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from must_ray.schema import decode_png, encode_png
+from must_ray.tasks import register_task
+from must_ray.tasks._layers import DenseTask, as_bytes, is_null
+
+IGNORE = 255
+
+
+@register_task
+class SegmentationTask(DenseTask):
+    """Per-pixel classification into background + ``num_classes`` categories."""
+
+    name = "segmentation"
+    primary_metric = "miou"
+    higher_is_better = True
+    target_key = "labels"
+    label_dtype = np.uint8
+    fill_value = IGNORE
+
+    def __init__(self, num_classes: int, cfg=None):
+        super().__init__(num_classes, cfg)
+        self.out_channels = self.num_classes + 1
+
+    # ------------------------------------------------------------------ table
+    @classmethod
+    def columns(cls) -> list[pa.Field]:
+        return [pa.field("seg_png", pa.binary(), nullable=True)]
+
+    def encode(self, label: Any) -> dict[str, Any]:
+        if label is None:
+            return self.null_cells()
+        arr = np.asarray(label)
+        if arr.ndim != 2:
+            raise ValueError(f"segmentation label must be (H, W), got {arr.shape}")
+        if arr.dtype != np.uint8:
+            if arr.size and (arr.min() < 0 or arr.max() > 255):
+                raise ValueError("segmentation class ids must be in [0, 255]")
+            arr = arr.astype(np.uint8)
+        return {"seg_png": encode_png(arr)}
+
+    def decode(self, cells: dict[str, Any]) -> Any:
+        cell = cells.get("seg_png")
+        if is_null(cell):
+            return None
+        return decode_png(as_bytes(cell), np.uint8)
+
+    # ------------------------------------------------------------------ model side
+    def targets(self, labels: Sequence[Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """``labels`` (B, H, W) int64 class ids (255 = ignore, also for unlabelled rows) + ``mask``."""
+        out = super().targets(labels, image_size)
+        out["labels"] = out["labels"].long()
+        return out
+
+    def pixel_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        target = target.long()
+        valid = (target != IGNORE) & (target < outputs.shape[1])
+        ce = F.cross_entropy(outputs, torch.where(valid, target, torch.zeros_like(target)), reduction="none")
+        return ce, valid
+
+    def postprocess(self, outputs: torch.Tensor) -> list[Any]:
+        probs = F.softmax(outputs, dim=1)
+        conf, cls = probs.max(dim=1)
+        cls = cls.to(torch.uint8)
+        thr = float(self.cfg.confidence_threshold)
+        if thr > 0:
+            cls[conf < thr] = IGNORE
+        return [m.numpy() for m in cls]
+
+    # ------------------------------------------------------------------ evaluation
+    def metric_state(self) -> np.ndarray:
+        k = self.num_classes + 1
+        return np.zeros((k, k + 1), dtype=np.int64)
+
+    def metric_update(self, state: np.ndarray, preds: Sequence[Any], gts: Sequence[Any]) -> np.ndarray:
+        k = self.num_classes + 1
+        state = state.copy()
+        for p, g in self.pairs(preds, gts):
+            g = g.astype(np.int64).reshape(-1)
+            valid = g < k  # drops 255 (ignore) and anything out of range
+            g = g[valid]
+            if p is None:
+                pc = np.full_like(g, k)
+            else:
+                pc = p.astype(np.int64).reshape(-1)[valid]
+                pc = np.where(pc < k, pc, k)  # 255 / out of range -> "no prediction"
+            state += np.bincount(g * (k + 1) + pc, minlength=k * (k + 1)).reshape(k, k + 1)
+        return state
+
+    def metric_merge(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return a + b
+
+    def metric_compute(self, state: np.ndarray) -> dict[str, float]:
+        k = state.shape[0]
+        tp = np.diag(state[:, :k]).astype(np.float64)
+        gt = state.sum(axis=1).astype(np.float64)
+        pred = state[:, :k].sum(axis=0).astype(np.float64)
+        union = gt + pred - tp
+        present = union > 0
+        miou = float((tp[present] / union[present]).mean()) if present.any() else 0.0
+        total = state.sum()
+        return {"miou": miou, "pixel_acc": float(tp.sum() / total) if total else 0.0}
+
+    # ------------------------------------------------------------------ baselines
+    def trivial_prediction(self, gts: Sequence[Any]) -> list[Any]:
+        """The most frequent ground-truth class (over all pixels of ``gts``) everywhere."""
+        counts = np.zeros(256, dtype=np.int64)
+        for g in gts:
+            if g is not None:
+                counts += np.bincount(np.asarray(g, dtype=np.uint8).reshape(-1), minlength=256)
+        counts[IGNORE] = 0
+        major = int(counts.argmax())
+        return [None if g is None else np.full(np.asarray(g).shape[:2], major, dtype=np.uint8) for g in gts]

@@ -1,0 +1,91 @@
+"""Config loading: defaults, YAML, --set overrides, and fail-fast errors naming the key."""
+import subprocess
+import sys
+
+import pytest
+
+from must_ray.config import ConfigError, config_from_dict, config_to_dict, load_config, parse_override
+from tests.conftest import REPO
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+    assert configs, "no configs shipped"
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.world.image_size >= 16, path
+
+
+def test_yaml_merges_into_defaults_and_set_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("tasks:\n  detection: {score_threshold: 0.5}\nworld: {image_size: 32}\n")
+    cfg = load_config(path, ["world.splits.test.num=7", "tasks.depth.max_depth=10", "paths.root=/x/y"])
+    assert cfg.tasks["detection"].score_threshold == 0.5
+    assert set(cfg.tasks) == {"classification", "detection", "segmentation", "depth", "normals"}
+    assert cfg.world.image_size == 32 and cfg.world.splits["test"].num == 7
+    assert cfg.tasks["depth"].max_depth == 10.0 and isinstance(cfg.tasks["depth"].max_depth, float)
+    assert cfg.paths.resolve("labels") == "/x/y/labels"
+    assert cfg.paths.resolve("world").startswith("/x/y")
+    # round trip through a plain dict
+    assert config_to_dict(config_from_dict(config_to_dict(cfg))) == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["world.imag_size=32"], "world.imag_size: unknown key"),
+        (["world.image_size=big"], "world.image_size: expected an integer"),
+        (["world.image_size=3.5"], "world.image_size: expected an integer"),
+        (["world.image_size=8"], "world.image_size must be in [16, 1024]"),
+        (["tasks.detection.score_threshold=2"], "tasks.detection.score_threshold must be in [0, 1]"),
+        (["tasks.detection.nms_iou=true"], "tasks.detection.nms_iou: expected a number"),
+        (["tasks.segmentaton.topk=2"], "tasks.segmentaton: unknown task"),
+        (["world.splits.test.tasks=[depth, colour]"], "world.splits.test.tasks: unknown task 'colour'"),
+        (["world.splits.test.domain=underwater"], "world.splits.test.domain: 'underwater' is not one of"),
+        (["world.min_objects=6", "world.max_objects=3"], "world.min_objects/max_objects"),
+        (["paths=3"], "paths: expected a mapping"),
+        (["novalue"], "expected dotted.key=value"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert fragment in str(info.value)
+
+
+def test_bad_yaml_file_errors(tmp_path):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "typo.yaml").write_text("wrold: {seed: 1}\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: wrold: unknown key"):
+        load_config(tmp_path / "typo.yaml")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a=[x, y]") == ("a", ["x", "y"])
+    assert parse_override("a=s3://b/c") == ("a", "s3://b/c")
+
+
+def test_job_rejects_bad_key_before_work(tmp_path):
+    """A job with a typo'd key exits 2 with the key in the message and writes nothing."""
+    out = tmp_path / "never"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "make_world.py"), "--split", "test", "--num", "4", "--out", str(out),
+         "--set", "world.image_sise=32"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "world.image_sise: unknown key" in proc.stderr
+    assert not out.exists()
+
+
+def test_job_help_explains():
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "make_world.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for flag in ("--config", "--set", "--split", "--num", "--out", "--image-dir"):
+        assert flag in proc.stdout
