@@ -43,6 +43,23 @@ def build_backbone(name: str, pretrained: bool = False, weights_path: Optional[s
                              out_indices=out_indices, **kwargs)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def images_to_tensor(images, device: str | torch.device = "cpu", channels_last: bool = False) -> torch.Tensor:
+    """uint8 RGB images (B, H, W, 3) as numpy or tensor -> normalised float (B, 3, H, W): the one
+    preprocessing used by training, labelling and evaluation, so they always agree."""
+    x = torch.as_tensor(images)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (B, H, W, 3), got {tuple(x.shape)}")
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
 class FPN(nn.Module):
     """Feature pyramid network (Lin et al. 2017): lateral 1x1 convs, top-down upsampling and a
     3x3 smoothing conv per level, so every level has ``channels`` channels."""

@@ -1,0 +1,86 @@
+"""Robust decoding of real-world image files into RGB arrays.
+
+Shared by the labeller and the dataset importers: whatever a user's folder holds (JPEG, PNG,
+WebP, BMP, TIFF; grayscale, palette, alpha, 16-bit, CMYK; rotated by EXIF), it becomes uint8
+RGB the same way everywhere, and anything that cannot be decoded raises :class:`BadImageError`
+with a short reason meant for a quarantine table.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: default cap on decoded pixels; bigger images are treated as decompression bombs
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class BadImageError(ValueError):
+    """An image that cannot be used; ``reason`` is a short machine-friendly tag
+    (``empty``, ``not_an_image``, ``truncated``, ``too_large``, ``decode_error``)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit grey: scale the full range to 8 bits instead of clipping at 255
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 1.0
+        arr = np.clip(arr / (hi if hi > 0 else 1.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes to uint8 RGB (H, W, 3) with EXIF orientation applied.
+
+    The size is checked from the header *before* pixels are decoded, so a decompression bomb
+    costs nothing. Raises :class:`BadImageError` for empty, non-image, truncated, oversized or
+    otherwise undecodable input."""
+    if not data:
+        raise BadImageError("empty", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImageError("too_large", f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
+            if w < 1 or h < 1:
+                raise BadImageError("decode_error", f"invalid size {w}x{h}")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            arr = np.asarray(_to_rgb(img))
+    except BadImageError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise BadImageError("not_an_image", str(exc)[:200]) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImageError("too_large", str(exc)[:200]) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        text = str(exc)
+        reason = "truncated" if "truncated" in text.lower() or "broken data stream" in text.lower() else "decode_error"
+        raise BadImageError(reason, text[:200]) from None
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise BadImageError("decode_error", f"unexpected decoded shape {arr.shape} {arr.dtype}")
+    return np.ascontiguousarray(arr)
+
+
+def resize_rgb(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Bilinear (antialiased) resize of a uint8 RGB array to ``size`` (square side or (H, W))."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if image.shape[:2] == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))

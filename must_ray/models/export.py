@@ -1,0 +1,91 @@
+"""The standalone model file: what a training run exports, ``jobs/label.py`` loads as a teacher
+and ``jobs/evaluate.py`` scores.
+
+One ``torch.save`` of a plain dict (tensors, strings, numbers, lists, dicts only) so it loads with
+``torch.load(weights_only=True)``: no pickled code, safe to take from a shared bucket.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Optional
+
+import torch
+
+from must_ray.config import TaskConfig, config_to_dict
+from must_ray.models.multitask import MultiTaskModel
+from must_ray.tasks import build_task
+
+FORMAT = "must-ray-model/1"
+
+
+def save_model(path: str, model: MultiTaskModel, *, num_classes: int, task_cfgs: dict[str, TaskConfig],
+               classes: Optional[list[str]] = None, image_size: int = 64, fpn_channels: int = 64,
+               extra: Optional[dict[str, Any]] = None) -> str:
+    """Write ``model`` with everything needed to rebuild it (backbone name, tasks and their
+    configs, class vocabulary, input size). Atomic: a crash never leaves a half-written file."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "backbone": model.backbone_name,
+        "fpn_channels": int(fpn_channels),
+        "tasks": list(model.task_names),
+        "num_classes": int(num_classes),
+        "task_cfgs": {t: config_to_dict(task_cfgs.get(t, TaskConfig())) for t in model.task_names},
+        "classes": list(classes or []),
+        "image_size": int(image_size),
+        "extra": dict(extra or {}),
+        "state_dict": state,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_model(path: str, map_location: str | torch.device = "cpu",
+               task_overrides: Optional[dict[str, TaskConfig]] = None) -> tuple[MultiTaskModel, dict]:
+    """Rebuild a model written by :func:`save_model`; returns ``(model in eval mode, info)``
+    where ``info`` has ``tasks`` (Task objects), ``classes``, ``image_size``, ``sha256`` ...
+    ``task_overrides`` replaces the stored task configs (e.g. labelling thresholds)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a must-ray model file (expected format {FORMAT!r})")
+    from must_ray.config import _build
+
+    task_cfgs = {t: _build(TaskConfig, c, f"task_cfgs.{t}") for t, c in payload["task_cfgs"].items()}
+    task_cfgs.update(task_overrides or {})
+    tasks = {t: build_task(t, payload["num_classes"], task_cfgs.get(t)) for t in payload["tasks"]}
+    model = MultiTaskModel(payload["backbone"], tasks, fpn_channels=payload["fpn_channels"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    info = {k: v for k, v in payload.items() if k != "state_dict"}
+    info["tasks"] = tasks
+    info["path"] = path
+    info["sha256"] = file_sha256(path)
+    return model, info
+
+
+def file_sha256(path: str) -> str:
+    """Content hash of a file (provenance of teachers in pseudo-label tables)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_matching_weights(model: torch.nn.Module, path: str) -> dict[str, int]:
+    """Initialise ``model`` from any must-ray model file: every tensor whose name and shape match
+    is copied (backbone and neck always; heads of shared tasks). Returns counts of loaded/skipped
+    tensors. This is how a student starts from a strong checkpoint (the paper's MuST-on-top)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a must-ray model file (expected format {FORMAT!r})")
+    own = model.state_dict()
+    matched = {k: v for k, v in payload["state_dict"].items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matched, strict=False)
+    return {"loaded": len(matched), "skipped": len(own) - len(matched)}
