@@ -54,6 +54,9 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, **kwargs)
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
+    from must_ray.storage import check_cluster_paths  # multi-node + node-local paths -> ConfigError
+
+    check_cluster_paths(cfg)
 
 
 def emit_summary(summary: dict[str, Any]) -> None:
