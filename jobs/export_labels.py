@@ -1,0 +1,67 @@
+"""Export an examples table (e.g. pseudo labels) to standard formats.
+
+Formats (details in docs/formats.md):
+  coco      detection       OUT/coco.json (boxes xywh in pixels + scores) and OUT/coco_results.json
+  masks     segmentation    OUT/masks/<stem>.png   palette PNG, VOC convention (0 = background, 255 = ignore)
+  depth     depth           OUT/depth/<stem>.png   16-bit PNG in units of --depth-scale metres, 0 = invalid
+  normals   normals         OUT/normals/<stem>.png RGB PNG, n = rgb / 127.5 - 1
+  topk-csv  classification  OUT/topk.csv           image_id,rank,class_id,class_name,prob
+  all       every format the table has columns for
+OUT/files.csv maps each image_id to its file stem (and COCO image id).
+
+Examples:
+  python jobs/export_labels.py --table out/demo/labels --format all --out exports/labels
+  python jobs/export_labels.py --table tables/kitti_pseudo --format depth --depth-scale 1/256 --out exports/kitti
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
+
+
+def main() -> dict:
+    from must_ray.importers.common import parse_scale
+
+    lines = __doc__.splitlines()
+    parser = job_parser(lines[0], "\n".join(lines[2:]))
+    parser.add_argument("--table", required=True, metavar="PATH", help="examples table (directory or .parquet file)")
+    parser.add_argument("--format", action="append", required=True,
+                        choices=("coco", "masks", "depth", "normals", "topk-csv", "all"),
+                        help="output format (repeatable)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--depth-scale", type=parse_scale, default=0.001, metavar="S",
+                        help="depth: metres per PNG unit (default 0.001 = mm as NYU; KITTI 1/256)")
+    parser.add_argument("--normals-convention", default="opengl", choices=("opengl", "opencv"),
+                        help="normals: axes of the written maps (opencv = y down, z forward)")
+    parser.add_argument("--coco-categories", metavar="FILE|TABLE",
+                        help="coco: take category ids (matched by class name) from this COCO JSON or imported "
+                             "table, for tables without source_class_ids (e.g. pseudo labels)")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per Ray Data batch for PNG files")
+    args = parser.parse_args()
+    cfg = load_job_config(args)
+
+    from must_ray.exporters import export_labels
+    from must_ray.importers import DatasetError
+    from must_ray.importers.common import check_shared_locations
+
+    try:
+        needs_ray = any(f in ("masks", "depth", "normals", "all") for f in args.format)
+        if needs_ray:
+            init_ray(cfg)
+            # tasks on every node read the table and write the PNG files
+            check_shared_locations([("--table", args.table), ("--out", args.out)])
+        summary = export_labels(args.table, args.out, args.format, depth_scale=args.depth_scale,
+                                normals_convention=args.normals_convention, batch_size=args.batch_size,
+                                coco_categories=args.coco_categories)
+    except DatasetError as exc:
+        print(f"export error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"exported {summary['images_exported']} images ({', '.join(summary['formats'])}) -> {summary['out']}",
+          file=sys.stderr)
+    return {"job": "export_labels", **summary}
+
+
+if __name__ == "__main__":
+    run_job(main)
