@@ -185,8 +185,27 @@ class TrainConfig:
     num_to_keep: int = 2
     report_every_steps: int = 10
     seed: int = 0
+    image_size: Optional[int] = None  # training/export resolution (square); None = world.image_size
+    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0 = off)
+    prefetch_batches: int = 2  # batches decoded/collated ahead in Ray Data's thread pool
+    read_cpus: float = 0.25  # logical CPUs each Ray Data read task reserves (fractional: never starved)
+    cache_max_mb: int = 1024  # tables up to this size (and 1/4 of the object store) are held in memory across epochs
+    run_name: Optional[str] = None  # Ray Train run name; None = <name>-teacher-<task> / <name>-student
+    storage_path: Optional[str] = None  # Ray Train storage; None = <paths.root>/ray_results (absolute)
 
     def validate(self, key: str) -> None:
+        if self.image_size is not None and not 16 <= self.image_size <= 1024:
+            raise ConfigError(f"{key}.image_size must be in [16, 1024] or null, got {self.image_size}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"{key}.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if not 0 <= self.prefetch_batches <= 16:
+            raise ConfigError(f"{key}.prefetch_batches must be in [0, 16], got {self.prefetch_batches}")
+        if self.cache_max_mb < 0:
+            raise ConfigError(f"{key}.cache_max_mb must be >= 0, got {self.cache_max_mb}")
+        if not 0 <= self.read_cpus <= 64:
+            raise ConfigError(f"{key}.read_cpus must be in [0, 64], got {self.read_cpus}")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name):
+            raise ConfigError(f"{key}.run_name must be a non-empty name without '/', got {self.run_name!r}")
         if len(self.num_workers) != 2 or not 1 <= self.num_workers[0] <= self.num_workers[1]:
             raise ConfigError(f"{key}.num_workers must be [min, max] with 1 <= min <= max, got {self.num_workers}")
         for name in ("epochs", "global_batch_size", "report_every_steps", "checkpoint_every_steps", "num_to_keep"):
@@ -219,10 +238,23 @@ class TeacherConfig:
     path: Optional[str] = None  # checkpoint / weights file; default for kind=checkpoint: the trained teacher
     model_name: Optional[str] = None  # timm / torchvision model name for off-the-shelf kinds
     class_map: dict[str, int] = field(default_factory=dict)  # off-the-shelf class name/id -> our class id
+    pretrained: bool = False  # off-the-shelf kinds without `path`: the hub's weights (needs internet)
+    num_classes: Optional[int] = None  # off-the-shelf model's output classes; None = ours (+1 background)
+    input_size: Optional[int] = None  # teacher's input side (the decoded batch is resampled); None = label size
+    seed: int = 0  # kind=random: init seed (every actor builds the same weights)
 
     def validate(self, key: str) -> None:
         if self.kind in ("timm", "torchvision_detector", "torchvision_segmenter") and not self.model_name:
             raise ConfigError(f"{key}.model_name is required for kind={self.kind!r}")
+        if self.kind in ("timm", "torchvision_detector", "torchvision_segmenter") and not (self.path or self.pretrained):
+            raise ConfigError(f"{key}: kind={self.kind!r} needs a weights file ({key}.path) or {key}.pretrained=true")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"{key}.num_classes must be >= 1 or null, got {self.num_classes}")
+        if self.input_size is not None and not 16 <= self.input_size <= 4096:
+            raise ConfigError(f"{key}.input_size must be in [16, 4096] or null, got {self.input_size}")
+        for name, ours in self.class_map.items():
+            if ours < 0:
+                raise ConfigError(f"{key}.class_map.{name} must be a class id >= 0, got {ours}")
 
 
 def _default_teachers() -> dict[str, TeacherConfig]:
@@ -242,10 +274,32 @@ class LabelConfig:
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
     max_image_pixels: int = 50_000_000  # larger images are quarantined (decompression bombs)
+    tasks: list[str] = field(default_factory=list)  # tasks to label; [] = every task in label.teachers
+    shard_size: int = 256  # images per shard: the unit of one actor call and of one atomic commit
+    decode_num_cpus: float = 1.0  # CPUs each read/decode task reserves (fractional is fine)
+    torch_threads: int = 0  # intra-op threads per actor; 0 = max(1, round(num_cpus_per_actor))
+    max_file_bytes: int = 256 * 1024 * 1024  # bigger files are quarantined unread
+    extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"])
+    classes: list[str] = field(default_factory=list)  # class vocabulary; [] = the checkpoints', else the world's
+    overwrite: bool = False  # delete an existing output first instead of resuming it
 
     def validate(self, key: str) -> None:
         if len(self.actors) != 2 or not 1 <= self.actors[0] <= self.actors[1]:
             raise ConfigError(f"{key}.actors must be [min, max] with 1 <= min <= max, got {self.actors}")
+        if self.shard_size < 1:
+            raise ConfigError(f"{key}.shard_size must be >= 1, got {self.shard_size}")
+        if self.decode_num_cpus < 0:
+            raise ConfigError(f"{key}.decode_num_cpus must be >= 0, got {self.decode_num_cpus}")
+        if self.torch_threads < 0:
+            raise ConfigError(f"{key}.torch_threads must be >= 0 (0 = auto), got {self.torch_threads}")
+        if self.max_file_bytes < 1:
+            raise ConfigError(f"{key}.max_file_bytes must be >= 1, got {self.max_file_bytes}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"{key}.classes has duplicate names: {self.classes}")
+        for t in self.tasks:
+            if t not in self.teachers:
+                raise ConfigError(f"{key}.tasks: {t!r} has no teacher in {key}.teachers "
+                                  f"(known tasks: {', '.join(_known_tasks())})")
         if self.batch_size < 1:
             raise ConfigError(f"{key}.batch_size must be >= 1, got {self.batch_size}")
         if self.image_size is not None and not 16 <= self.image_size <= 4096:
@@ -260,9 +314,88 @@ class LabelConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation (``jobs/evaluate.py``, ``must_ray.evaluation``) and the report pictures."""
+
+    data: list[str] = field(default_factory=list)  # examples tables; [] = <paths.root>/<paths.world>/test
+    tasks: list[str] = field(default_factory=list)  # [] = every task the model has a head and the data labels for
+    batch_size: int = 64
+    use_ray: bool = True  # False: score in the driver process (small tables, debugging)
+    actors: Optional[list[int]] = None  # ActorPoolStrategy [min, max]; None = 1..what the cluster holds
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    read_cpus: float = 0.25  # logical CPUs each Ray Data read task reserves
+    trivial_fit_rows: int = 4096  # labelled rows the trivial baseline is fitted on (per task)
+    tolerance: float = 0.02  # MuST pass: student >= (1-tol) x teacher (higher better), <= (1+tol) x (lower)
+    grid_images: int = 6  # rows of the report's picture grid
+    grid_scale: int = 3  # nearest-neighbour upscaling of the grid's images
+
+    def validate(self, key: str) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"{key}.batch_size must be >= 1, got {self.batch_size}")
+        if self.actors is not None and (len(self.actors) != 2 or not 1 <= self.actors[0] <= self.actors[1]):
+            raise ConfigError(f"{key}.actors must be null or [min, max] with 1 <= min <= max, got {self.actors}")
+        if self.num_cpus_per_actor < 0 or self.num_gpus_per_actor < 0 or self.read_cpus < 0:
+            raise ConfigError(f"{key}.num_cpus_per_actor/num_gpus_per_actor/read_cpus must be >= 0")
+        if self.trivial_fit_rows < 1:
+            raise ConfigError(f"{key}.trivial_fit_rows must be >= 1, got {self.trivial_fit_rows}")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ConfigError(f"{key}.tolerance must be in [0, 1), got {self.tolerance}")
+        if self.grid_images < 1 or not 1 <= self.grid_scale <= 16:
+            raise ConfigError(f"{key}.grid_images must be >= 1 and grid_scale in [1, 16], "
+                              f"got {self.grid_images}/{self.grid_scale}")
+        for t in self.tasks:
+            if t not in _known_tasks():
+                raise ConfigError(f"{key}.tasks: unknown task {t!r}; known: {', '.join(_known_tasks())}")
+
+
+@dataclass
+class TransferConfig:
+    """Transfer evaluation (``must_ray.transfer``): frozen backbones, light probes fitted on a small
+    labelled split of a domain no model trained on, scored on a held-out split of it."""
+
+    domain: Literal["default", "dim", "bright", "cluttered"] = "cluttered"
+    tasks: list[str] = field(default_factory=lambda: ["classification", "segmentation", "depth", "normals"])
+    train_num: int = 256  # scenes of the transfer_train split (probe fitting)
+    test_num: int = 128  # scenes of the transfer_test split (scoring)
+    seed_offset: int = 700_000  # transfer_train scenes start here; transfer_test 50_000 later
+    train_data: Optional[str] = None  # an examples table to fit on instead of the world split
+    test_data: Optional[str] = None  # an examples table to score on instead of the world split
+    features: Literal["backbone", "fpn"] = "backbone"  # probe the backbone maps, or backbone + FPN neck
+    pixels_per_image: int = 64  # random valid pixels per image the dense probes are fitted on
+    ridge: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])  # strengths tried
+    val_fraction: float = 0.25  # train images held out to pick the ridge strength
+    random_backbone: bool = True  # add a random-init row (same architecture) to the table
+    seed: int = 0
+    batch_size: int = 64  # feature-extraction batch
+
+    def validate(self, key: str) -> None:
+        for t in self.tasks:
+            if t not in _known_tasks():
+                raise ConfigError(f"{key}.tasks: unknown task {t!r}; known: {', '.join(_known_tasks())}")
+            if t == "detection":
+                raise ConfigError(f"{key}.tasks: detection has no light probe; use classification, "
+                                  "segmentation, depth, normals")
+        if not 4 <= self.train_num <= 50_000 or self.test_num < 1:
+            raise ConfigError(f"{key}.train_num must be in [4, 50000] and test_num >= 1, "
+                              f"got {self.train_num}/{self.test_num}")
+        if self.seed_offset < 0:
+            raise ConfigError(f"{key}.seed_offset must be >= 0, got {self.seed_offset}")
+        if (self.train_data is None) != (self.test_data is None):
+            raise ConfigError(f"{key}.train_data and {key}.test_data must be given together")
+        if self.pixels_per_image < 1 or self.batch_size < 1:
+            raise ConfigError(f"{key}.pixels_per_image and {key}.batch_size must be >= 1")
+        if not self.ridge or any(r <= 0 for r in self.ridge):
+            raise ConfigError(f"{key}.ridge must be a non-empty list of positive strengths, got {self.ridge}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"{key}.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
 class RayConfig:
-    """How a job connects to Ray. ``address=None`` attaches to a running cluster when there is one
-    (e.g. under ``ray job submit``) and otherwise starts a local instance."""
+    """How a job connects to Ray. ``address=None``: the cluster in ``RAY_ADDRESS`` (``ray job submit``
+    sets it) or else a fresh local instance (never a stray one); ``"auto"`` attaches to the cluster
+    this node belongs to (e.g. after ``ray attach``)."""
 
     address: Optional[str] = None
     num_cpus: Optional[int] = None  # only for a local instance
@@ -284,6 +417,8 @@ class Config:
     teacher: TrainConfig = field(default_factory=TrainConfig)  # each teacher's run (one task)
     student: TrainConfig = field(default_factory=TrainConfig)  # the multi-task student's run
     label: LabelConfig = field(default_factory=LabelConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     def validate(self, key: str = "") -> None:
         if not self.name or "/" in self.name:

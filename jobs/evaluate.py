@@ -1,0 +1,69 @@
+"""Score trained models on a labelled examples table (Ray Data) and compare the student with its teachers.
+
+Examples:
+  python jobs/evaluate.py                                      # the run's student + teachers on <paths.root>/world/test
+  python jobs/evaluate.py --student out/demo/student/model.pt --teacher depth=out/demo/teachers/depth/model.pt
+  python jobs/evaluate.py --model out/x/model.pt --model other=/tmp/m.pt --data /data/test_table --out /tmp/eval
+  python jobs/evaluate.py --no-ray --no-pictures               # small tables: score in this process
+
+Every model is scored with the metric of each task it has a head for and the table has labels for,
+next to the task's trivial baseline (majority class, mean depth, no boxes ...). With a student and
+teachers, each teacher's task is compared: the student passes when its primary metric is >= 0.98x the
+teacher's (higher is better) or <= 1.02x (lower is better; evaluate.tolerance). Writes metrics.json
+(strict JSON), metrics.md, grid.png and curves.png into --out (default <paths.root>/<paths.reports>).
+"""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
+from must_ray.config import ConfigError  # noqa: E402
+
+
+def main() -> dict:
+    lines = __doc__.splitlines()
+    parser = job_parser(lines[0], "\n".join(lines[2:]))
+    parser.add_argument("--student", metavar="PATH", help="the student's model file")
+    parser.add_argument("--teacher", action="append", metavar="TASK=PATH", help="a teacher's model file (repeatable)")
+    parser.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                        help="any other model file to score (repeatable; NAME defaults to its folder name)")
+    parser.add_argument("--data", action="append", metavar="TABLE",
+                        help="labelled examples table (repeatable; default evaluate.data or <paths.root>/<paths.world>/test)")
+    parser.add_argument("--out", metavar="DIR", help="report directory (default <paths.root>/<paths.reports>)")
+    parser.add_argument("--no-ray", action="store_true", help="score in this process instead of a Ray Data actor pool")
+    parser.add_argument("--no-pictures", action="store_true", help="skip grid.png and curves.png")
+    args = parser.parse_args()
+    cfg = load_job_config(args, ["evaluate.use_ray=false"] if args.no_ray else [])
+
+    from must_ray.evaluation import default_models, parse_named_paths, run_evaluation
+    from must_ray.tasks import registered_task_names
+
+    teachers = parse_named_paths(args.teacher, "--teacher", need_key=True)
+    for task in teachers:
+        if task not in registered_task_names():
+            raise ConfigError(f"--teacher {task}=...: unknown task; known: {', '.join(registered_task_names())}")
+    models = parse_named_paths(args.model, "--model", need_key=False)
+    student = args.student
+    if student is None and not teachers and not models:
+        student, teachers = default_models(cfg)
+        if student is None and not teachers:
+            raise ConfigError(f"no models given and none trained under {cfg.paths.root} "
+                              "(use --student/--teacher/--model)")
+    for flag, path in [("--student", student)] + [(f"--teacher {t}", p) for t, p in teachers.items()] + \
+            [(f"--model {n}", p) for n, p in models.items()]:
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{flag}: model file not found: {path}")
+    data = args.data or cfg.evaluate.data or [os.path.join(cfg.paths.resolve("world"), "test")]
+    for table in data:
+        if "://" not in table and not os.path.exists(table):
+            raise ConfigError(f"--data: table not found: {table} (render it with jobs/make_world.py --split test)")
+    if cfg.evaluate.use_ray:
+        init_ray(cfg)
+    return run_evaluation(cfg, student=student, teachers=teachers, models=models, data=data, out_dir=args.out,
+                          pictures=not args.no_pictures, discover=False)
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,71 @@
+"""Transfer evaluation: frozen backbones (student, teachers, random init) + light probes on a shifted domain.
+
+Examples:
+  python jobs/transfer.py                                       # the run's student + teachers, transfer.domain of the world
+  python jobs/transfer.py --student s.pt --teacher depth=t.pt --set transfer.domain=dim
+  python jobs/transfer.py --model a=/m/a.pt --train /data/train_table --test /data/test_table
+
+Each backbone is frozen; its features are extracted once for the transfer train and test splits
+(by default rendered from the world in transfer.domain, which no model trained on), ridge probes
+(linear on pooled features for classification, per-pixel 1x1 for dense tasks) are fitted on the
+train split and scored on the test split. Writes transfer.json (strict JSON) and transfer.md into
+--out (default <paths.root>/<paths.reports>).
+"""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
+from must_ray.config import ConfigError  # noqa: E402
+
+
+def main() -> dict:
+    lines = __doc__.splitlines()
+    parser = job_parser(lines[0], "\n".join(lines[2:]))
+    parser.add_argument("--student", metavar="PATH", help="the student's model file")
+    parser.add_argument("--teacher", action="append", metavar="TASK=PATH", help="a teacher's model file (repeatable)")
+    parser.add_argument("--model", action="append", metavar="[NAME=]PATH", help="any other model file (repeatable)")
+    parser.add_argument("--train", metavar="TABLE", help="probe-fitting table (default: transfer.train_data or the world split)")
+    parser.add_argument("--test", metavar="TABLE", help="scoring table (default: transfer.test_data or the world split)")
+    parser.add_argument("--out", metavar="DIR", help="report directory (default <paths.root>/<paths.reports>)")
+    args = parser.parse_args()
+    if (args.train is None) != (args.test is None):
+        raise ConfigError("--train and --test go together")
+    cfg = load_job_config(args)
+
+    from must_ray.evaluation import default_models, parse_named_paths, teacher_name
+    from must_ray.transfer import run_transfer, write_transfer
+
+    from must_ray.tasks import registered_task_names
+
+    teachers = parse_named_paths(args.teacher, "--teacher", need_key=True)
+    for task in teachers:
+        if task not in registered_task_names():
+            raise ConfigError(f"--teacher {task}=...: unknown task; known: {', '.join(registered_task_names())}")
+    backbones = {}
+    student = args.student
+    models = parse_named_paths(args.model, "--model", need_key=False)
+    if student is None and not teachers and not models:
+        student, teachers = default_models(cfg)
+    if student:
+        backbones["student"] = student
+    backbones.update({teacher_name(t): p for t, p in teachers.items()})
+    backbones.update(models)
+    if not backbones:
+        raise ConfigError(f"no models given and none trained under {cfg.paths.root} (use --student/--teacher/--model)")
+    for name, path in backbones.items():
+        if not os.path.isfile(path):
+            raise ConfigError(f"{name}: model file not found: {path}")
+    init_ray(cfg)  # the world's transfer splits are rendered with Ray Data
+    result = run_transfer(cfg, backbones, args.train, args.test)
+    files = write_transfer(args.out or cfg.paths.resolve("reports"), result)
+    from must_ray.evaluation import strict_json
+
+    return {"job": "transfer", **files, "tasks": result["tasks"], "best": result["best"],
+            "table": {r["backbone"]: strict_json(r["values"]) for r in result["rows"]}}
+
+
+if __name__ == "__main__":
+    run_job(main)
