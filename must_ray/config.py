@@ -278,6 +278,7 @@ class LabelConfig:
     shard_size: int = 256  # images per shard: the unit of one actor call and of one atomic commit
     decode_num_cpus: float = 1.0  # CPUs each read/decode task reserves (fractional is fine)
     torch_threads: int = 0  # intra-op threads per actor; 0 = max(1, round(num_cpus_per_actor))
+    encode_threads: int = 1  # threads per actor PNG-encoding batch i while the teachers run batch i+1 (0 = inline)
     max_file_bytes: int = 256 * 1024 * 1024  # bigger files are quarantined unread
     extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"])
     classes: list[str] = field(default_factory=list)  # class vocabulary; [] = the checkpoints', else the world's
@@ -292,6 +293,8 @@ class LabelConfig:
             raise ConfigError(f"{key}.decode_num_cpus must be >= 0, got {self.decode_num_cpus}")
         if self.torch_threads < 0:
             raise ConfigError(f"{key}.torch_threads must be >= 0 (0 = auto), got {self.torch_threads}")
+        if self.encode_threads < 0:
+            raise ConfigError(f"{key}.encode_threads must be >= 0 (0 = inline), got {self.encode_threads}")
         if self.max_file_bytes < 1:
             raise ConfigError(f"{key}.max_file_bytes must be >= 1, got {self.max_file_bytes}")
         if len(set(self.classes)) != len(self.classes):

@@ -1,0 +1,38 @@
+"""Run the whole MuST pipeline: world -> teachers -> pseudo labels -> student -> evaluation -> transfer.
+
+Examples:
+  python jobs/pipeline.py                                          # the demo (jobs/configs/demo.yaml) into out/demo
+  python jobs/pipeline.py --config jobs/configs/must-synthetic.yaml --out /data/must
+  python jobs/pipeline.py --only evaluate --only transfer          # just those steps
+
+Steps whose outputs exist (and whose inputs did not change) are skipped, so rerunning a crashed
+pipeline resumes it; deleting a step's output redoes that step and the steps that read it.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
+
+
+def main() -> dict:
+    parser = job_parser(__doc__.splitlines()[0], "\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--out", metavar="DIR", help="root of every output (sets paths.root)")
+    parser.add_argument("--only", action="append", metavar="STEP",
+                        help="run only this step (repeatable): world, teachers, label, student, evaluate, transfer")
+    args = parser.parse_args()
+    cfg = load_job_config(args, [f"paths.root={args.out}"] if args.out else [])
+
+    from must_ray.pipeline import run_pipeline
+
+    init_ray(cfg)
+    result = run_pipeline(cfg, only=args.only)
+    evaluation = result["steps"].get("evaluate") or {}
+    transfer = result["steps"].get("transfer") or {}
+    return {"job": "pipeline", "config": args.config, "root": cfg.paths.root, "ran": result["ran"],
+            "skipped": result["skipped"], "evaluate": evaluation, "transfer": transfer}
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,36 @@
+"""Train one specialised teacher (one task, its labelled table) with Ray Train.
+
+Examples:
+  python jobs/train_teacher.py --task depth                       # <paths.root>/world/teacher_depth -> <paths.root>/teachers/depth/
+  python jobs/train_teacher.py --task detection --data tables/coco_det --steps 2000 --workers 1,4
+  ray job submit --working-dir . -- python jobs/train_teacher.py --task segmentation --run-name seg-v1
+Re-submitting with the same --run-name (and storage) resumes that run from its last checkpoint.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
+
+
+def main() -> dict:
+    from must_ray.tasks import registered_task_names
+    from must_ray.training import add_train_flags, train, train_flag_overrides
+
+    parser = job_parser(__doc__.splitlines()[0], "\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--task", required=True, choices=registered_task_names(), help="the teacher's task")
+    add_train_flags(parser)
+    args = parser.parse_args()
+    cfg = load_job_config(args, train_flag_overrides(args, "teacher"))
+    data = args.data or cfg.teacher.data or [str(Path(cfg.paths.resolve("world")) / f"teacher_{args.task}")]
+    out = args.out or str(Path(cfg.paths.resolve("teachers")) / args.task)
+    init_ray(cfg)
+    summary = train(cfg, "teacher", data=data, tasks=[args.task], out_dir=out)
+    print(f"teacher {args.task}: {summary['steps']} steps, final losses {summary['final_losses']} -> {summary['model']}",
+          file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,241 @@
+"""The Ray Train loop (must_ray.training) end to end: real Ray (the session fixture, 2 CPUs), real
+Parquet tables from the synthetic world, tiny models.
+
+* every teacher beats its task's trivial baseline on the test split by a clear margin;
+* a student on a table where a task is null in every row leaves that task's head untouched;
+* a worker killed mid-run (fault injection) -> the run restarts from its last checkpoint;
+* re-submitting a run with the same name resumes it;
+* an elastic group (1, 2) completes on two CPUs; the teacher job's CLI ends with its summary line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from must_ray.config import ConfigError, load_config
+from must_ray.models import MultiTaskModel, images_to_tensor, load_model, save_model
+from must_ray.schema import conform, decode_image_rgb, decode_labels, examples_schema
+from must_ray.tasks import build_tasks
+from must_ray.training import CHECKPOINT_FORMAT, STATE_FILE, lr_factor, train
+from must_ray.world import NUM_CATEGORIES
+from must_ray.world.splits import RenderBatch, split_provenance
+from tests.conftest import REPO
+
+CONFIG = REPO / "jobs" / "configs" / "demo.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _fast_train_polling(monkeypatch):
+    """Ray Train's controller polls its workers every 2 s by default; a short run ends ~2 s sooner
+    with 0.3 s (propagated from the driver's environment to the controller)."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
+# A short run: small model, frequent reports, one worker that leaves CPU for the data readers.
+FAST = ["model.fpn_channels=32", "warmup_steps=10", "report_every_steps=5", "checkpoint_every_steps=50",
+        "cpus_per_worker=0.8", "ema_decay=0.0", "max_failures=2", "num_workers=[1, 1]"]
+
+
+def make_cfg(root, role="teacher", image_size=32, extra=(), **keys):
+    overrides = [f"paths.root={root}", f"world.image_size={image_size}"] + [f"{role}.{o}" for o in FAST]
+    overrides += [f"{role}.{k}={json.dumps(v) if isinstance(v, (list, str)) else v}" for k, v in keys.items()]
+    return load_config(CONFIG, overrides + list(extra))
+
+
+def world_table(cfg, split_name, out_dir, num, image_size=None, tasks=None):
+    """A world split rendered in-process and written as one Parquet file with provenance."""
+    split = replace(cfg.world.splits[split_name], num=num)
+    if tasks is not None:
+        split = replace(split, tasks=list(tasks))
+    world = replace(cfg.world, image_size=image_size or cfg.world.image_size)
+    table = RenderBatch(world, split, cfg.tasks)({"id": np.arange(num)})
+    table = table.cast(examples_schema(split.tasks, split_provenance(world, split_name, split)))
+    os.makedirs(out_dir, exist_ok=True)
+    pq.write_table(table, os.path.join(out_dir, f"{split_name}-00000.parquet"))
+    return str(out_dir)
+
+
+def score(model_path, table_path, task, batch=128):
+    """(model metrics, trivial-baseline metrics) of one task on a labelled table."""
+    model, info = load_model(model_path)
+    t = info["tasks"][task]
+    rows = pq.read_table(table_path).to_pylist()
+    preds, gts = [], []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch):
+            chunk = rows[i:i + batch]
+            images = np.stack([decode_image_rgb(r["image"]) for r in chunk])
+            preds += t.predict(model(images_to_tensor(images))[task], images.shape[1:3])
+            gts += [decode_labels(r, [task], {task: t})[task] for r in chunk]
+    model_m = t.metric_compute(t.metric_update(t.metric_state(), preds, gts))
+    trivial_m = t.metric_compute(t.metric_update(t.metric_state(), t.trivial_prediction(gts), gts))
+    return model_m, trivial_m
+
+
+# ----------------------------------------------------------------------------- teachers
+
+# Per teacher: image size, training rows, optimiser steps, global batch, workers, extra keys.
+# Classification (the category of the largest object, from scratch) learns slowest, so it gets
+# more images and steps, two workers and EMA; the dense tasks learn in a few dozen steps.
+TEACHERS = {
+    "classification": dict(size=32, rows=6144, steps=700, batch=64, workers=[2, 2],
+                           extra=dict(ema_decay=0.99, crop_scale_min=0.8)),
+    "detection": dict(size=48, rows=512, steps=160, batch=32, workers=[1, 1], extra={}),
+    "segmentation": dict(size=48, rows=512, steps=100, batch=32, workers=[1, 1], extra={}),
+    "depth": dict(size=32, rows=512, steps=60, batch=32, workers=[1, 1], extra={}),
+    "normals": dict(size=32, rows=512, steps=60, batch=32, workers=[1, 1], extra={}),
+}
+
+
+def _beats(task, model_m, trivial_m):
+    if task == "classification":
+        return model_m["top1"] > 1.0 / NUM_CATEGORIES + 0.20
+    if task == "detection":
+        return model_m["map50"] > 0.10
+    if task == "segmentation":
+        return model_m["miou"] > trivial_m["miou"] + 0.05
+    if task == "depth":
+        return model_m["abs_rel"] < 0.75 * trivial_m["abs_rel"]
+    return model_m["mean_angle"] < trivial_m["mean_angle"] - 5.0  # normals, degrees
+
+
+def test_each_teacher_beats_its_trivial_baseline(ray_session, tmp_path):
+    results = {}
+    tests = {}
+    for task, spec in TEACHERS.items():
+        t0 = time.time()
+        cfg = make_cfg(tmp_path, "teacher", image_size=spec["size"], max_steps=spec["steps"],
+                       global_batch_size=spec["batch"], num_workers=spec["workers"], **spec["extra"])
+        if spec["size"] not in tests:
+            tests[spec["size"]] = world_table(cfg, "test", tmp_path / f"test{spec['size']}", 256)
+        data = world_table(cfg, f"teacher_{task}", tmp_path / f"teacher_{task}", spec["rows"])
+        summary = train(cfg, "teacher", [data], out_dir=str(tmp_path / "teachers" / task))
+        assert summary["tasks"] == [task] and summary["steps"] == spec["steps"]
+        model_m, trivial_m = score(summary["model"], tests[spec["size"]], task)
+        results[task] = {"model": model_m, "trivial": trivial_m, "wall_s": round(time.time() - t0, 1),
+                         "images_per_s": round(summary["images_per_s"], 1)}
+        print(f"\nteacher {task}: {json.dumps(results[task])}", file=sys.stderr)
+    (tmp_path / "teacher_metrics.json").write_text(json.dumps(results, indent=1))
+    failed = {t: r for t, r in results.items() if not _beats(t, r["model"], r["trivial"])}
+    assert not failed, failed
+
+
+# ----------------------------------------------------------------------------- student, masking
+
+
+def test_elastic_student_leaves_heads_of_unlabelled_tasks_untouched(ray_session, tmp_path):
+    """An elastic group (1, 2) completes on two CPUs. Segmentation is null in every row: its head's
+    parameters and BatchNorm statistics stay bit-identical (and its learned task weight stays 0);
+    the labelled tasks' heads move. Uncertainty weighting and EMA on; two workers = DDP."""
+    tasks = ["classification", "segmentation", "depth"]
+    base = load_config(CONFIG, ["world.image_size=32"])
+    # table a: depth labels, segmentation columns present but null in every row
+    a = world_table(base, "test", tmp_path / "a", 64, tasks=["depth"])
+    pq.write_table(conform(pq.read_table(a), ["segmentation", "depth"]), os.path.join(a, "test-00000.parquet"))
+    # table b: classification + depth (classification exists only here: partial labels)
+    b = world_table(base, "test", tmp_path / "b", 64, tasks=["classification", "depth"])
+    torch.manual_seed(5)
+    init = MultiTaskModel("test_resnet", build_tasks(tasks, NUM_CATEGORIES, base.tasks), fpn_channels=32)
+    init_path = save_model(str(tmp_path / "init.pt"), init, num_classes=NUM_CATEGORIES, task_cfgs=base.tasks,
+                           fpn_channels=32)
+    cfg = make_cfg(tmp_path, "student", max_steps=6, global_batch_size=16, ema_decay=0.9,
+                   task_weighting="uncertainty", num_workers=[1, 2], report_every_steps=3,
+                   extra=[f"student.model.init_checkpoint={init_path}"])
+    summary = train(cfg, "student", [a, b], tasks=tasks, out_dir=str(tmp_path / "student"))
+    assert summary["world_size"] in (1, 2) and summary["steps"] == 6
+    assert summary["global_batch"] == 16  # per-worker batch = 16 // world_size
+    assert summary["final_losses"]["segmentation"] is None
+    assert summary["final_losses"]["depth"] > 0 and summary["final_losses"]["classification"] > 0
+    trained, _ = load_model(summary["model"])
+    before, after = init.state_dict(), trained.state_dict()
+    seg = [k for k in before if k.startswith("heads.segmentation.")]
+    assert seg and all(torch.equal(before[k], after[k]) for k in seg), "segmentation head changed"
+    for task in ("depth", "classification"):
+        keys = [k for k in before if k.startswith(f"heads.{task}.") and before[k].dtype.is_floating_point]
+        assert any(not torch.equal(before[k], after[k]) for k in keys), f"{task} head did not train"
+    state = torch.load(os.path.join(summary["checkpoint"], STATE_FILE), weights_only=True)
+    assert state["format"] == CHECKPOINT_FORMAT and state["tasks"] == tasks and state["step"] == 6
+    assert float(state["weighting"]["log_vars.segmentation"]) == 0.0
+    assert float(state["weighting"]["log_vars.depth"]) != 0.0
+    assert {"model", "optimizer", "scheduler", "ema", "config", "epoch"} <= set(state)
+    lines = [json.loads(x) for x in open(summary["metrics"])]
+    assert [m["step"] for m in lines] == [3, 6] and all(m["images_per_s"] > 0 for m in lines)
+
+
+# ----------------------------------------------------------------------------- fault tolerance, resume
+
+
+@pytest.fixture(scope="module")
+def small_table(tmp_path_factory, demo_config):
+    d = tmp_path_factory.mktemp("small")
+    cfg = load_config(CONFIG, ["world.image_size=32"])
+    return world_table(cfg, "teacher_depth", d / "depth", 128)
+
+
+def test_killed_worker_restarts_from_last_checkpoint(ray_session, tmp_path, small_table, monkeypatch):
+    cfg = make_cfg(tmp_path, max_steps=10, global_batch_size=16, checkpoint_every_steps=4, report_every_steps=2)
+    monkeypatch.setenv("MUST_RAY_FAIL_AT_STEP", "6")
+    marker = tmp_path / "fault.marker"
+    monkeypatch.setenv("MUST_RAY_FAIL_MARKER", str(marker))
+    summary = train(cfg, "teacher", [small_table], out_dir=str(tmp_path / "out"), run_name="faulty")
+    assert marker.exists(), "the fault was not injected"
+    assert summary["steps"] == 10
+    starts = [a["start_step"] for a in summary["attempts"]]
+    assert starts == [0, 4], summary["attempts"]  # restarted from the step-4 checkpoint, not from 0
+    steps = [json.loads(x)["step"] for x in open(summary["metrics"])]
+    assert steps == [2, 4, 6, 8, 10]  # history of the surviving timeline (steps 5-6 redone once)
+    assert os.path.isfile(summary["model"])
+
+
+def _run_job(script, args, capsys, monkeypatch):
+    """Run a job's main() in this process (it reuses the session's Ray) and parse its summary line."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(script)] + [str(a) for a in args])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1])
+
+
+def test_resubmitting_the_same_run_name_resumes(ray_session, tmp_path, small_table, capsys, monkeypatch):
+    """Submit jobs/train_teacher.py for 4 steps, then again with the same --run-name and 8 steps:
+    the second continues from step 4. A different task under that name is refused up front."""
+    job = REPO / "jobs" / "train_teacher.py"
+    common = ["--task", "depth", "--data", small_table, "--batch-size", "16", "--out", tmp_path / "t",
+              "--run-name", "again", "--set", f"paths.root={tmp_path}", "--set", "world.image_size=32"] + \
+        [x for o in FAST for x in ("--set", f"teacher.{o}")] + ["--set", "teacher.report_every_steps=2"]
+    first = _run_job(job, common + ["--steps", "4"], capsys, monkeypatch)
+    assert first["steps"] == 4 and first["resumed_from"] is None and first["tasks"] == ["depth"]
+    assert first["checkpoint"].startswith(str(tmp_path / "ray_results" / "again"))
+    t0 = time.time()
+    second = _run_job(job, common + ["--steps", "8"], capsys, monkeypatch)
+    resume_wall = time.time() - t0
+    assert second["resumed_from"] == 4 and second["steps"] == 8 and os.path.isfile(second["model"])
+    assert [a["start_step"] for a in second["attempts"]] == [0, 4]
+    assert [json.loads(x)["step"] for x in open(second["metrics"])] == [2, 4, 6, 8]
+    with capsys.disabled():
+        print(f"\nresume: job wall {resume_wall:.1f}s for 4 more steps, checkpoint restore "
+              f"{second['attempts'][-1]['restore_s']}s, first step {second['attempts'][-1]['startup_s']}s "
+              f"after the worker started", file=sys.stderr)
+    # the same name for another task is refused before any work, not silently restarted
+    seg = world_table(load_config(CONFIG, ["world.image_size=32"]), "teacher_segmentation", tmp_path / "seg", 32)
+    with pytest.raises(ConfigError, match="another --run-name"):
+        train(make_cfg(tmp_path, max_steps=8, global_batch_size=16), "teacher", [seg], out_dir=str(tmp_path / "x"),
+              run_name="again")
+    # plain flags are validated like config keys (exit code 2, the key named)
+    bad = subprocess.run([sys.executable, str(REPO / "jobs" / "train_student.py"), "--set", "student.lr=-1"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "student.lr" in bad.stderr
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    f = [lr_factor(s, 10, 100) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] < 0.02
