@@ -30,8 +30,14 @@ def main() -> dict:
     result = run_pipeline(cfg, only=args.only)
     evaluation = result["steps"].get("evaluate") or {}
     transfer = result["steps"].get("transfer") or {}
-    return {"job": "pipeline", "config": args.config, "root": cfg.paths.root, "ran": result["ran"],
-            "skipped": result["skipped"], "evaluate": evaluation, "transfer": transfer}
+    return {
+        "job": "pipeline", "config": args.config, "root": cfg.paths.root, "ran": result["ran"],
+        "skipped": result["skipped"], "metrics_json": evaluation.get("metrics_json"),
+        "grid_png": evaluation.get("grid_png"), "curves_png": evaluation.get("curves_png"),
+        "student_vs_teachers": evaluation.get("comparison"), "must_passed": evaluation.get("passed"),
+        "beats_trivial": (evaluation.get("beats_trivial") or {}).get("student"),
+        "transfer": {row.get("backbone"): row.get("values") for row in (transfer.get("table") or [])},
+    }
 
 
 if __name__ == "__main__":

@@ -200,10 +200,11 @@ def step_is_current(cfg: Config, step: Step) -> bool:
     return True
 
 
-def run_pipeline(cfg: Config, only: Optional[list[str]] = None) -> dict[str, Any]:
-    """Run every step that is not current (see module docstring); ``only`` limits the steps.
-    Needs a connected Ray. Returns a summary of every step."""
-    all_steps = steps()
+def run_pipeline(cfg: Config, only: Optional[list[str]] = None, pipeline: Optional[list[Step]] = None,
+                 progress_stream=None) -> dict[str, Any]:
+    """Run every step of ``pipeline`` (default: :func:`steps`) that is not current (see the module
+    docstring); ``only`` limits the steps. Needs a connected Ray. Returns a summary of every step."""
+    all_steps = pipeline if pipeline is not None else steps()
     names = [s.name for s in all_steps]
     for n in only or []:
         if n not in names:
@@ -211,7 +212,7 @@ def run_pipeline(cfg: Config, only: Optional[list[str]] = None) -> dict[str, Any
 
             raise ConfigError(f"--only {n}: unknown step; steps: {', '.join(names)}")
     selected = [s for s in all_steps if not only or s.name in only]
-    progress = Progress(cfg, [s.name for s in selected])
+    progress = Progress(cfg, [s.name for s in selected], progress_stream)
     summary: dict[str, Any] = {"steps": {}, "ran": [], "skipped": []}
     for step in selected:
         if step_is_current(cfg, step):

@@ -237,7 +237,6 @@ def train_loop_per_worker(lc: dict) -> None:
     from must_ray.tasks import build_tasks
 
     t_start = time.time()
-    if os.environ.get("MUST_RAY_TIMING"): _say(f"TIMING loop_start {t_start:.2f}")
     cfg = config_from_dict(lc["config"])
     role = lc["role"]
     tcfg: TrainConfig = getattr(cfg, role)
@@ -285,7 +284,8 @@ def train_loop_per_worker(lc: dict) -> None:
         if list(state["tasks"]) != task_names or list(state["classes"]) != classes:
             raise RuntimeError(
                 f"run {lc['run_name']!r} has a checkpoint for tasks {state['tasks']} / classes {state['classes']}, "
-                f"this submission asks for {task_names} / {classes}: use another run name or delete {lc['experiment_dir']}")
+                f"this submission asks for {task_names} / {classes}: use another run name or delete "
+                f"{lc['experiment_dir']}")
         model.load_state_dict(state["model"])
         weighting.load_state_dict(state["weighting"])
         restore_s = time.time() - t0
@@ -299,7 +299,7 @@ def train_loop_per_worker(lc: dict) -> None:
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
     wrapped = ray.train.torch.prepare_model(module)
-    raw: TrainModule = wrapped.module if hasattr(wrapped, "module") and isinstance(wrapped.module, TrainModule) else wrapped
+    raw: TrainModule = wrapped.module if isinstance(getattr(wrapped, "module", None), TrainModule) else wrapped
 
     optimizer = torch.optim.AdamW(param_groups(raw, tcfg.weight_decay), lr=tcfg.lr, betas=(0.9, 0.999))
     # -------------------------------------------------------------- schedule
@@ -341,13 +341,17 @@ def train_loop_per_worker(lc: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     fault = lc.get("fault")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False))
+
+    def autocast():  # bf16 autocast on GPU (no GradScaler needed); fp32 on CPU
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
+
     n_tasks = len(task_names)
 
     # -------------------------------------------------------------- report / checkpoint
     win = {"t": time.time(), "steps": 0, "wait": 0.0,
-           "loss": torch.zeros(n_tasks, dtype=torch.float64), "n": torch.zeros(n_tasks, dtype=torch.float64),
-           "total": 0.0}
+           "loss": torch.zeros(n_tasks, dtype=torch.float64, device=device),
+           "n": torch.zeros(n_tasks, dtype=torch.float64),
+           "total": torch.zeros((), dtype=torch.float64, device=device)}
 
     def export_model(path: str) -> None:
         target = raw.model
@@ -363,7 +367,8 @@ def train_loop_per_worker(lc: dict) -> None:
 
     def report(final: bool) -> None:
         done["final"] = done["final"] or final
-        stats = torch.cat([win["loss"], win["n"], torch.tensor([win["total"], win["wait"]], dtype=torch.float64)])
+        stats = torch.cat([win["loss"].cpu(), win["n"], win["total"].cpu().view(1),
+                           torch.tensor([win["wait"]], dtype=torch.float64)])
         if world > 1:
             stats = stats.to(device)
             dist.all_reduce(stats)
@@ -388,9 +393,9 @@ def train_loop_per_worker(lc: dict) -> None:
             parts = " ".join(f"{t}={metrics[f'loss_{t}']:.4f}" for t in task_names if metrics[f"loss_{t}"] is not None)
             _say(f"[{lc['run_name']}] step {step}/{total_steps} epoch {epoch} loss {metrics['loss']:.4f} ({parts}) "
                   f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s x{world}")
-        win.update(t=time.time(), steps=0, wait=0.0, total=0.0)
-        win["loss"].zero_()
-        win["n"].zero_()
+        win.update(t=time.time(), steps=0, wait=0.0)
+        for key in ("loss", "n", "total"):
+            win[key].zero_()
 
         want_ckpt = final or step % tcfg.checkpoint_every_steps == 0
         if not want_ckpt or rank != 0:
@@ -410,7 +415,8 @@ def train_loop_per_worker(lc: dict) -> None:
             torch.save(payload, os.path.join(tmp, STATE_FILE))
             meta = {k: payload[k] for k in ("format", "role", "tasks", "classes", "step", "epoch", "step_in_epoch",
                                             "attempts")}
-            meta.update(backbone=mcfg.backbone, final=final, total_steps=total_steps, run_name=lc["run_name"])
+            meta.update(backbone=mcfg.backbone, final=final, total_steps=total_steps, run_name=lc["run_name"],
+                        data=list(lc["data"]), rows=num_rows)
             with open(os.path.join(tmp, META_FILE), "w") as f:
                 json.dump(meta, f)
             with open(os.path.join(tmp, HISTORY_FILE), "w") as f:
@@ -430,20 +436,20 @@ def train_loop_per_worker(lc: dict) -> None:
         iterator = iter(shard.iter_torch_batches(
             batch_size=per_worker, collate_fn=collate, drop_last=True, prefetch_batches=tcfg.prefetch_batches,
             local_shuffle_buffer_size=tcfg.shuffle_buffer or None,
-            local_shuffle_seed=None, device="cpu" if not on_gpu else "auto"))
+            local_shuffle_seed=(tcfg.seed * 1_000_003 + epoch * 1009 + rank) % 2**31, device="cpu"))
         exhausted = False
         while step < total_steps and step_in_epoch < steps_per_epoch:
             t0 = time.time()
             batch = next(iterator, None)
             win["wait"] += time.time() - t0
+            # labelled rows per task, counted on the host (masks are still CPU tensors here)
             if batch is None:
                 counts = torch.zeros(n_tasks + 1, dtype=torch.float32)
             else:
-                batch = batch_to_device(batch, device)
-                images_u8, targets = split_batch(batch)
-                counts = torch.stack([targets[t]["mask"].sum().float().cpu() for t in task_names]
-                                     + [torch.ones(())])
-            if world > 1:  # global label counts (and whether every rank still has data)
+                counts = torch.tensor([float(batch[f"{t}/mask"].sum()) for t in task_names] + [1.0])
+                local = (counts[:n_tasks] > 0).double()
+                images_u8, targets = split_batch(batch_to_device(batch, device))
+            if world > 1:  # global label counts (and whether every rank still has data): one tiny all-reduce
                 counts = counts.to(device)
                 dist.all_reduce(counts)
                 counts = counts.cpu()
@@ -455,7 +461,7 @@ def train_loop_per_worker(lc: dict) -> None:
                 raw.model.heads[t].train(present[t])
 
             images = images_to_tensor(images_u8, device=device, channels_last=channels_last)
-            with autocast:
+            with autocast():
                 outputs = wrapped(images)
             losses = {t: tasks[t].loss(outputs[t], targets[t]) for t in task_names}
             total = raw.weighting(losses, present)
@@ -476,10 +482,9 @@ def train_loop_per_worker(lc: dict) -> None:
             step += 1
             step_in_epoch += 1
 
-            with torch.no_grad():
-                win["total"] += float(total.detach())
-                local = torch.tensor([bool(targets[t]["mask"].any()) for t in task_names], dtype=torch.float64)
-                win["loss"] += torch.tensor([float(losses[t].detach()) for t in task_names], dtype=torch.float64) * local
+            with torch.no_grad():  # accumulated on the device: no host sync until the next report
+                win["total"] += total.detach().double()
+                win["loss"] += torch.stack([losses[t].detach().double() for t in task_names]) * local.to(device)
                 win["n"] += local
             win["steps"] += 1
             if not first_step_logged:
@@ -496,7 +501,6 @@ def train_loop_per_worker(lc: dict) -> None:
         del iterator
     for t in task_names:
         raw.model.heads[t].train(True)
-    if os.environ.get("MUST_RAY_TIMING"): _say(f"TIMING loop_end {time.time():.2f}")
     if not done["final"]:
         # nothing left to train (a re-submitted run that was already complete): report once more
         # so that the final checkpoint, and with it the exported model, exist for this submission
@@ -551,11 +555,15 @@ def train(cfg: Config, role: str, data: Optional[Sequence[str]] = None, tasks: O
     image_size = int(tcfg.image_size or cfg.world.image_size)
     if out_dir is None:
         out_dir = cfg.paths.resolve("teachers") + f"/{names[0]}" if role == "teacher" else cfg.paths.resolve("student")
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = str(out_dir) if _is_uri(str(out_dir)) else os.path.abspath(out_dir)
+    # the driver writes the outputs into `stage`; for a URI out_dir they are uploaded at the end
+    stage = tempfile.mkdtemp(prefix="must_ray_out_") if _is_uri(out_dir) else out_dir
+    os.makedirs(stage, exist_ok=True)
     run_name = run_name or tcfg.run_name or default_run_name(cfg, role, names)
     storage = default_storage_path(cfg, tcfg)
     experiment_dir = f"{storage.rstrip('/')}/{run_name}"
+    _check_shared(storage, f"{role}.storage_path")
+    _check_shared(out_dir, "--out")
 
     resumed_from = None
     if not _is_uri(storage):
@@ -570,6 +578,10 @@ def train(cfg: Config, role: str, data: Optional[Sequence[str]] = None, tasks: O
                     f"{tcfg.model.backbone!r}. Choose another --run-name or delete {experiment_dir}")
             resumed_from = int(meta["step"])
             log.info("run %s: resuming from its checkpoint at step %d (%s)", run_name, resumed_from, experiment_dir)
+            if meta.get("data") is not None and (list(meta["data"]) != data or meta.get("rows") != rows):
+                log.warning("run %s was trained on %s (%s rows); it now continues on %s (%s rows). Use a new "
+                            "--run-name to train from scratch on the new data", run_name, meta["data"],
+                            meta.get("rows"), data, rows)
 
     lo, hi = tcfg.num_workers
     cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
@@ -588,7 +600,7 @@ def train(cfg: Config, role: str, data: Optional[Sequence[str]] = None, tasks: O
     loop_config = {
         "config": config_to_dict(cfg), "role": role, "tasks": names, "classes": classes, "num_rows": rows,
         "image_size": image_size, "run_name": run_name, "data": data, "experiment_dir": experiment_dir,
-        "fault": _fault_settings(out_dir), "cached": cached,
+        "fault": _fault_settings(stage), "cached": cached,
     }
     from ray.data import ExecutionOptions
 
@@ -610,16 +622,14 @@ def train(cfg: Config, role: str, data: Optional[Sequence[str]] = None, tasks: O
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
     t_fit = time.time()
-    if os.environ.get("MUST_RAY_TIMING"): log.warning(f"TIMING resolve {t_start:.2f} fit_start {t_fit:.2f}")
     result = trainer.fit()
-    if os.environ.get("MUST_RAY_TIMING"): log.warning(f"TIMING fit_end {time.time():.2f}")
     fit_s = time.time() - t_fit
     if getattr(result, "error", None):
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name!r} finished without a checkpoint")
 
-    model_path = os.path.join(out_dir, MODEL_FILE)
+    model_path = os.path.join(stage, MODEL_FILE)
     with result.checkpoint.as_directory() as d:
         with open(os.path.join(d, META_FILE)) as f:
             meta = json.load(f)
@@ -630,7 +640,7 @@ def train(cfg: Config, role: str, data: Optional[Sequence[str]] = None, tasks: O
         os.replace(tmp, model_path)
         history_src = os.path.join(d, HISTORY_FILE)
         history = [json.loads(line) for line in open(history_src)] if os.path.exists(history_src) else []
-    with open(os.path.join(out_dir, HISTORY_FILE), "w") as f:
+    with open(os.path.join(stage, HISTORY_FILE), "w") as f:
         for m in history:
             f.write(json.dumps(m) + "\n")
 
@@ -644,12 +654,30 @@ def train(cfg: Config, role: str, data: Optional[Sequence[str]] = None, tasks: O
         "world_size": last.get("world_size"), "global_batch": last.get("global_batch"), "cached_input": cached,
         "attempts": meta["attempts"], "resumed_from": resumed_from,
         "checkpoint": result.checkpoint.path, "experiment_dir": experiment_dir, "storage_path": storage,
-        "model": model_path, "metrics": os.path.join(out_dir, HISTORY_FILE), "out_dir": out_dir,
+        "model": f"{out_dir.rstrip('/')}/{MODEL_FILE}", "metrics": f"{out_dir.rstrip('/')}/{HISTORY_FILE}",
+        "out_dir": out_dir,
         "fit_s": round(fit_s, 2), "wall_s": round(time.time() - t_start, 2),
     }
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    with open(os.path.join(stage, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
+    if stage != out_dir:  # upload to the URI (s3://, gs://, ...)
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(out_dir)
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(stage, path, destination_filesystem=fs)
+        shutil.rmtree(stage, ignore_errors=True)
     return summary
+
+
+def _check_shared(location: str, key: str) -> None:
+    """On a multi-node cluster, refuse node-local storage / output paths (see must_ray.storage)."""
+    from must_ray.storage import MULTI_NODE_ENV, check_shared_storage, cluster_node_count
+
+    nodes = cluster_node_count()
+    if nodes <= 1 and os.environ.get(MULTI_NODE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        nodes = 2
+    check_shared_storage(location, nodes, key=key)
 
 
 # ----------------------------------------------------------------------------- job helpers
