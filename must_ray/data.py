@@ -24,7 +24,6 @@ prefetch threads): ``"image"`` uint8 (B, H, W, 3) and ``"<task>/<key>"`` for eac
 """
 from __future__ import annotations
 
-import io
 import math
 import zlib
 from typing import Any, Mapping, Optional, Sequence
@@ -39,7 +38,7 @@ try:  # Ray >= 2.44; the fallback keeps this module importable (and testable) wi
 except ImportError:  # pragma: no cover
     ArrowBatchCollateFn = object  # type: ignore[misc,assignment]
 
-from must_ray.schema import BASE_COLUMNS, conform
+from must_ray.schema import BASE_COLUMNS, conform, decode_image_rgb
 from must_ray.tasks import build_tasks, get_task_class, registered_task_names
 from must_ray.tasks.base import Crop
 
@@ -196,13 +195,6 @@ def crop_image(image: np.ndarray, crop: Crop, out_size: tuple[int, int]) -> np.n
     return out
 
 
-def _decode_rgb(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return np.asarray(img)
-
-
 # ----------------------------------------------------------------------------- collate (worker)
 
 
@@ -258,7 +250,7 @@ class TrainCollate(ArrowBatchCollateFn):
     def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
         ids = batch.column("image_id").to_pylist()
         crops = [self.crop_for(i) for i in ids]
-        images = np.stack([crop_image(_decode_rgb(b), c, self.out_size)
+        images = np.stack([crop_image(decode_image_rgb(b), c, self.out_size)
                            for b, c in zip(batch.column("image").to_pylist(), crops)])
         out: dict[str, torch.Tensor] = {"image": torch.from_numpy(images)}
         for name in self.task_names:

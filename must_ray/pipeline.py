@@ -99,7 +99,12 @@ def run_student(cfg: Config) -> dict[str, Any]:
     from must_ray.training import train
 
     data = [cfg.paths.resolve("labels")] + list(cfg.student.data)
-    s = train(cfg, "student", data=data, tasks=student_tasks(cfg), out_dir=cfg.paths.resolve("student"))
+    # The Ray Train run is named after the labels it learns from: new pseudo labels start a fresh
+    # run, while a rerun on the same labels resumes (or re-exports) the existing one.
+    label_token = (_read_marker(cfg, "label") or {}).get("token", "")[:8]
+    run_name = cfg.student.run_name or f"{cfg.name}-student-{label_token or 'labels'}"
+    s = train(cfg, "student", data=data, tasks=student_tasks(cfg), out_dir=cfg.paths.resolve("student"),
+              run_name=run_name)
     return {"model": s["model"], "steps": s["steps"], "loss": s["loss"], "images_per_s": s["images_per_s"],
             "wall_s": s["wall_s"]}
 
