@@ -25,10 +25,9 @@ from must_ray.config import ConfigError  # noqa: E402
 def main() -> dict:
     lines = __doc__.splitlines()
     parser = job_parser(lines[0], "\n".join(lines[2:]))
-    parser.add_argument("--student", metavar="PATH", help="the student's model file")
-    parser.add_argument("--teacher", action="append", metavar="TASK=PATH", help="a teacher's model file (repeatable)")
-    parser.add_argument("--model", action="append", metavar="[NAME=]PATH",
-                        help="any other model file to score (repeatable; NAME defaults to its folder name)")
+    from must_ray.evaluation import add_model_flags
+
+    add_model_flags(parser)
     parser.add_argument("--data", action="append", metavar="TABLE",
                         help="labelled examples table (repeatable; default evaluate.data or <paths.root>/<paths.world>/test)")
     parser.add_argument("--out", metavar="DIR", help="report directory (default <paths.root>/<paths.reports>)")
@@ -37,24 +36,9 @@ def main() -> dict:
     args = parser.parse_args()
     cfg = load_job_config(args, ["evaluate.use_ray=false"] if args.no_ray else [])
 
-    from must_ray.evaluation import default_models, parse_named_paths, run_evaluation
-    from must_ray.tasks import registered_task_names
+    from must_ray.evaluation import models_from_flags, run_evaluation
 
-    teachers = parse_named_paths(args.teacher, "--teacher", need_key=True)
-    for task in teachers:
-        if task not in registered_task_names():
-            raise ConfigError(f"--teacher {task}=...: unknown task; known: {', '.join(registered_task_names())}")
-    models = parse_named_paths(args.model, "--model", need_key=False)
-    student = args.student
-    if student is None and not teachers and not models:
-        student, teachers = default_models(cfg)
-        if student is None and not teachers:
-            raise ConfigError(f"no models given and none trained under {cfg.paths.root} "
-                              "(use --student/--teacher/--model)")
-    for flag, path in [("--student", student)] + [(f"--teacher {t}", p) for t, p in teachers.items()] + \
-            [(f"--model {n}", p) for n, p in models.items()]:
-        if path is not None and not os.path.isfile(path):
-            raise ConfigError(f"{flag}: model file not found: {path}")
+    student, teachers, models = models_from_flags(cfg, args)
     data = args.data or cfg.evaluate.data or [os.path.join(cfg.paths.resolve("world"), "test")]
     for table in data:
         if "://" not in table and not os.path.exists(table):

@@ -11,7 +11,6 @@ Each backbone is frozen; its features are extracted once for the transfer train 
 train split and scored on the test split. Writes transfer.json (strict JSON) and transfer.md into
 --out (default <paths.root>/<paths.reports>).
 """
-import os
 import sys
 from pathlib import Path
 
@@ -24,9 +23,9 @@ from must_ray.config import ConfigError  # noqa: E402
 def main() -> dict:
     lines = __doc__.splitlines()
     parser = job_parser(lines[0], "\n".join(lines[2:]))
-    parser.add_argument("--student", metavar="PATH", help="the student's model file")
-    parser.add_argument("--teacher", action="append", metavar="TASK=PATH", help="a teacher's model file (repeatable)")
-    parser.add_argument("--model", action="append", metavar="[NAME=]PATH", help="any other model file (repeatable)")
+    from must_ray.evaluation import add_model_flags
+
+    add_model_flags(parser)
     parser.add_argument("--train", metavar="TABLE", help="probe-fitting table (default: transfer.train_data or the world split)")
     parser.add_argument("--test", metavar="TABLE", help="scoring table (default: transfer.test_data or the world split)")
     parser.add_argument("--out", metavar="DIR", help="report directory (default <paths.root>/<paths.reports>)")
@@ -35,29 +34,13 @@ def main() -> dict:
         raise ConfigError("--train and --test go together")
     cfg = load_job_config(args)
 
-    from must_ray.evaluation import default_models, parse_named_paths, teacher_name
+    from must_ray.evaluation import models_from_flags, teacher_name
     from must_ray.transfer import run_transfer, write_transfer
 
-    from must_ray.tasks import registered_task_names
-
-    teachers = parse_named_paths(args.teacher, "--teacher", need_key=True)
-    for task in teachers:
-        if task not in registered_task_names():
-            raise ConfigError(f"--teacher {task}=...: unknown task; known: {', '.join(registered_task_names())}")
-    backbones = {}
-    student = args.student
-    models = parse_named_paths(args.model, "--model", need_key=False)
-    if student is None and not teachers and not models:
-        student, teachers = default_models(cfg)
-    if student:
-        backbones["student"] = student
+    student, teachers, models = models_from_flags(cfg, args)
+    backbones = {"student": student} if student else {}
     backbones.update({teacher_name(t): p for t, p in teachers.items()})
     backbones.update(models)
-    if not backbones:
-        raise ConfigError(f"no models given and none trained under {cfg.paths.root} (use --student/--teacher/--model)")
-    for name, path in backbones.items():
-        if not os.path.isfile(path):
-            raise ConfigError(f"{name}: model file not found: {path}")
     init_ray(cfg)  # the world's transfer splits are rendered with Ray Data
     result = run_transfer(cfg, backbones, args.train, args.test)
     files = write_transfer(args.out or cfg.paths.resolve("reports"), result)

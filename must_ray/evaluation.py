@@ -776,6 +776,39 @@ def parse_named_paths(values: Optional[Sequence[str]], flag: str, need_key: bool
     return out
 
 
+def add_model_flags(parser) -> None:
+    """``--student``/``--teacher TASK=PATH``/``--model [NAME=]PATH``: how every job that scores
+    or probes models is told which ones."""
+    parser.add_argument("--student", metavar="PATH", help="the student's model file")
+    parser.add_argument("--teacher", action="append", metavar="TASK=PATH", help="a teacher's model file (repeatable)")
+    parser.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                        help="any other model file (repeatable; NAME defaults to its folder name)")
+
+
+def models_from_flags(cfg, args) -> tuple[Optional[str], dict[str, str], dict[str, str]]:
+    """``(student, {task: teacher}, {name: model})`` from :func:`add_model_flags`' flags, or the
+    run's own trained models when none is given. Raises ConfigError for unknown tasks, no models
+    at all, or missing files (before any work starts)."""
+    from must_ray.config import ConfigError
+
+    teachers = parse_named_paths(args.teacher, "--teacher", need_key=True)
+    for task in teachers:
+        if task not in registered_task_names():
+            raise ConfigError(f"--teacher {task}=...: unknown task; known: {', '.join(registered_task_names())}")
+    models = parse_named_paths(args.model, "--model", need_key=False)
+    student = args.student
+    if student is None and not teachers and not models:
+        student, teachers = default_models(cfg)
+        if student is None and not teachers:
+            raise ConfigError(f"no models given and none trained under {cfg.paths.root} "
+                              "(use --student/--teacher/--model)")
+    for flag, path in [("--student", student)] + [(f"--teacher {t}", p) for t, p in teachers.items()] + \
+            [(f"--model {n}", p) for n, p in models.items()]:
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{flag}: model file not found: {path}")
+    return student, teachers, models
+
+
 def run_evaluation(cfg, *, student: Optional[str] = None, teachers: Optional[Mapping[str, str]] = None,
                    models: Optional[Mapping[str, str]] = None, data: Optional[Sequence[str]] = None,
                    out_dir: Optional[str] = None, pictures: bool = True, discover: bool = True) -> dict[str, Any]:
