@@ -36,9 +36,29 @@ def job_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
     return parser
 
 
+# Flags of the jobs that name an output directly (not through the config).
+OUTPUT_FLAGS = ("out", "image_dir")
+
+
 def load_job_config(args: argparse.Namespace, extra_overrides: Sequence[str] = ()) -> Config:
-    """The validated config of a job: file + ``--set`` + overrides implied by plain flags."""
-    return load_config(args.config, list(args.overrides) + list(extra_overrides))
+    """The validated config of a job: file + ``--set`` + overrides implied by plain flags.
+
+    In a job submitted with ``ray job submit --working-dir``, relative output locations are
+    refused here, before any work: they would land in Ray's temporary copy of the working dir
+    (:func:`must_ray.storage.check_job_output_paths`). Checked: ``--out``/``--image-dir``,
+    ``label.output``, ``*.storage_path``, absolute ``paths.*`` and ``paths.root`` — the latter
+    only when the job got no explicit ``--out``/``--output`` (then it writes there instead; the
+    trainer checks its default checkpoint storage under ``paths.root`` itself)."""
+    from must_ray.storage import check_job_output_paths, job_output_locations
+
+    cfg = load_config(args.config, list(args.overrides) + list(extra_overrides))
+    locations = job_output_locations(cfg)
+    if any(getattr(args, name, None) for name in ("out", "output")):
+        locations = [(key, path) for key, path in locations if key != "paths.root"]
+    flags = [(f"--{name.replace('_', '-')}", getattr(args, name)) for name in OUTPUT_FLAGS
+             if isinstance(getattr(args, name, None), str)]
+    check_job_output_paths(locations + flags)
+    return cfg
 
 
 def init_ray(cfg: Config) -> None:

@@ -173,6 +173,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     ema_decay: float = 0.0  # 0 = no EMA of weights
     task_weighting: Literal["fixed", "uncertainty"] = "fixed"
+    loss_weights: dict[str, float] = field(default_factory=dict)  # this run's fixed task weights; missing = tasks.<t>.loss_weight
     augment: bool = True
     crop_scale_min: float = 0.6  # random crop keeps at least this fraction of the image area
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
@@ -192,8 +193,25 @@ class TrainConfig:
     cache_max_mb: int = 1024  # tables up to this size (and 1/4 of the object store) are held in memory across epochs
     run_name: Optional[str] = None  # Ray Train run name; None = <name>-teacher-<task> / <name>-student
     storage_path: Optional[str] = None  # Ray Train storage; None = <paths.root>/ray_results (absolute)
+    # teachers only: how many teacher runs the pipeline trains at once (each its own Ray Train run of
+    # num_workers workers; the cluster must hold them side by side). The student is one run: 1.
+    concurrent_runs: int = 1
+    # teachers only: per-task changes to the keys above, e.g. {classification: {max_steps: 3000}}
+    # (each teacher has its own recipe, as in the paper); see :func:`teacher_config`
+    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self, key: str) -> None:
+        if self.per_task and not key.endswith("teacher"):
+            raise ConfigError(f"{key}.per_task: only teachers have per-task settings")
+        for task, changes in self.per_task.items():
+            if task not in _known_tasks():
+                raise ConfigError(f"{key}.per_task.{task}: unknown task; known: {', '.join(_known_tasks())}")
+            if "per_task" in changes or "concurrent_runs" in changes:
+                raise ConfigError(f"{key}.per_task.{task}: per_task/concurrent_runs apply to all teachers")
+            _train_config_for(self, changes, f"{key}.per_task.{task}").validate(f"{key}.per_task.{task}")
+        if self.concurrent_runs < 1 or (key.endswith("student") and self.concurrent_runs != 1):
+            raise ConfigError(f"{key}.concurrent_runs must be >= 1 (teachers) or 1 (the student is one run), "
+                              f"got {self.concurrent_runs}")
         if self.image_size is not None and not 16 <= self.image_size <= 1024:
             raise ConfigError(f"{key}.image_size must be in [16, 1024] or null, got {self.image_size}")
         if self.shuffle_buffer < 0:
@@ -228,6 +246,11 @@ class TrainConfig:
         for t in self.tasks:
             if t not in _known_tasks():
                 raise ConfigError(f"{key}.tasks: unknown task {t!r}; known: {', '.join(_known_tasks())}")
+        for t, w in self.loss_weights.items():
+            if t not in _known_tasks():
+                raise ConfigError(f"{key}.loss_weights.{t}: unknown task; known: {', '.join(_known_tasks())}")
+            if w < 0:
+                raise ConfigError(f"{key}.loss_weights.{t} must be >= 0, got {w}")
 
 
 @dataclass
@@ -429,6 +452,20 @@ class Config:
         for t in self.tasks:
             if t not in _known_tasks():
                 raise ConfigError(f"tasks.{t}: unknown task; known: {', '.join(_known_tasks())}")
+
+
+def _train_config_for(base: TrainConfig, changes: dict, key: str) -> TrainConfig:
+    merged = _deep_merge({k: v for k, v in config_to_dict(base).items() if k != "per_task"}, changes)
+    return _build(TrainConfig, merged, key)
+
+
+def teacher_config(cfg: Config, task: str) -> Config:
+    """``cfg`` with ``teacher`` replaced by the settings of ``task``'s teacher (``teacher`` merged
+    with ``teacher.per_task[task]``), so one training code path serves every teacher's recipe."""
+    changes = cfg.teacher.per_task.get(task)
+    if not changes:
+        return cfg
+    return dataclasses.replace(cfg, teacher=_train_config_for(cfg.teacher, changes, f"teacher.per_task.{task}"))
 
 
 def _known_tasks() -> tuple[str, ...]:

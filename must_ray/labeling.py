@@ -193,7 +193,18 @@ class ShardLabeler:
                 "decode_s": prep.decode_s, "teachers_s": timings["teachers_s"], "encode_s": timings["encode_s"],
                 "write_s": write_s, "teacher_s": json.dumps(timings["teachers"]), "pid": os.getpid(),
                 "decoded_here": prep.decode_pid == os.getpid(), "actor_ready_at": self.ready_at,
-                "actor_init_s": self.init_s, "committed_at": time.time(), "actor_timeline": self.timeline}
+                "actor_init_s": self.init_s, "committed_at": time.time(), "actor_timeline": self.timeline,
+                "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB; ``getrusage`` high-water mark, one syscall):
+    each teacher actor reports it with every shard, so a run shows whether an actor's memory grows
+    with the number of images (it must not: shards stream through)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 SUMMARY_SCHEMA = pa.schema([("shard", pa.int64()), ("rows", pa.int64()), ("quarantined", pa.int64()),
@@ -201,7 +212,7 @@ SUMMARY_SCHEMA = pa.schema([("shard", pa.int64()), ("rows", pa.int64()), ("quara
                             ("encode_s", pa.float64()), ("write_s", pa.float64()), ("teacher_s", pa.string()),
                             ("pid", pa.int64()), ("decoded_here", pa.bool_()), ("actor_ready_at", pa.float64()),
                             ("actor_init_s", pa.float64()), ("committed_at", pa.float64()),
-                            ("actor_timeline", pa.list_(pa.float64()))])
+                            ("actor_timeline", pa.list_(pa.float64())), ("peak_rss_mb", pa.float64())])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -322,6 +333,7 @@ def run_labeling(cfg: Config, input_uri: Optional[str] = None, output: Optional[
     actors: dict[int, tuple[float, float]] = {}  # pid -> (ready at, init seconds)
     decoded_in_actor = 0
     timelines: dict[int, list[float]] = {}
+    peak_rss: dict[int, float] = {}  # pid -> the actor's peak RSS (MiB) at its last commit
     commits: list[tuple[float, int]] = []  # (epoch seconds, images) per committed shard
     t_pipe = time.perf_counter()
     t_pipe_epoch = time.time()
@@ -355,6 +367,7 @@ def run_labeling(cfg: Config, input_uri: Optional[str] = None, output: Optional[
                 reasons.update(json.loads(row["reasons"]))
                 actors[row["pid"]] = (row["actor_ready_at"], row["actor_init_s"])
                 timelines[row["pid"]] = row["actor_timeline"]
+                peak_rss[row["pid"]] = max(peak_rss.get(row["pid"], 0.0), row["peak_rss_mb"])
                 decoded_in_actor += int(row["decoded_here"])
                 commits.append((row["committed_at"], row["rows"] + row["quarantined"]))
                 for name, sec in json.loads(row["teacher_s"]).items():
@@ -402,6 +415,7 @@ def run_labeling(cfg: Config, input_uri: Optional[str] = None, output: Optional[
         # steady state: images per second from the first actor being ready to the last commit
         "steady_images_per_s": _steady_rate(actors, commits),
         "shards_decoded_in_actor": decoded_in_actor,  # 0: decode ran in its own tasks, overlapped
+        "actor_peak_rss_mb": max(peak_rss.values()) if peak_rss else None,  # the largest teacher actor's peak RSS
     }
     assert summary["rows"] + summary["quarantined"] == summary["inputs"], summary
     store.write_success(summary)

@@ -1,27 +1,34 @@
 """Custom Ray metrics for the dashboard / Prometheus (``ray.util.metrics``), usable from any
 worker, actor or driver.
 
-Generic helpers — :func:`counter`, :func:`gauge`, :func:`histogram` return one cached metric
-object per process and name, and become silent no-ops outside Ray (so the same code runs in a
-plain PyTorch loop or a unit test) — plus the labeller's metrics (:class:`LabelMetrics`). Other
-components (the trainer) add theirs the same way::
+Every metric the project exports is declared once in :data:`METRICS` (name, kind, description,
+tag keys); :class:`LabelMetrics` (the labeller's actors) and :class:`TrainMetrics` (rank 0 of a
+Ray Train run) update them, and ``cluster/grafana/must_ray_dashboard.json`` may only query names
+declared here (``tests/test_metrics_export.py`` checks it, so the two cannot drift). Generic
+helpers — :func:`counter`, :func:`gauge`, :func:`histogram` — return one cached metric object per
+process and name.
 
-    from must_ray import monitoring
-    monitoring.counter("must_ray_train_steps", "optimizer steps").inc(1)
-    monitoring.histogram("must_ray_step_s", "step time", LATENCY_BUCKETS_S, ("role",)).observe(0.2, {"role": "student"})
+Cost outside Ray: nothing to speak of. Without an initialised Ray in the process (a plain PyTorch
+loop, a unit test) every metric is a no-op object; Ray is not even imported for the check.
 
 Naming: Ray's Prometheus exporter prefixes ``ray_`` and gives counters a ``_total`` suffix, so the
 counter ``must_ray_images_labeled`` is scraped as ``ray_must_ray_images_labeled_total``; a histogram
-``must_ray_teacher_batch_latency_s`` as ``ray_must_ray_teacher_batch_latency_s_bucket/_sum/_count``.
-Metrics are exported by each node's metrics agent (``ray start --metrics-export-port``; the
-dashboard's Metrics tab with Prometheus + Grafana set up shows them).
+``must_ray_teacher_batch_latency_s`` as ``ray_must_ray_teacher_batch_latency_s_bucket/_sum/_count``
+(:meth:`MetricSpec.prometheus_names`). Metrics are exported by each node's metrics agent
+(``ray start --metrics-export-port``) every ``metrics_report_interval_ms`` (10 s by default); a
+gauge disappears from the endpoint ~2 intervals after the process that set it exits, counters and
+histograms stay. Details and PromQL: docs/monitoring.md.
 """
 from __future__ import annotations
 
+import sys
 import threading
-from typing import Any, Optional, Sequence
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+PROMETHEUS_PREFIX = "ray_"
 
 _LOCK = threading.Lock()
 _METRICS: dict[str, Any] = {}
@@ -41,10 +48,11 @@ class _NoOp:
 
 
 def _in_ray() -> bool:
+    ray = sys.modules.get("ray")  # not imported -> certainly not initialised (and no import cost)
+    if ray is None:
+        return False
     try:
-        import ray
-
-        return ray.is_initialized()
+        return bool(ray.is_initialized())
     except Exception:  # noqa: BLE001
         return False
 
@@ -80,6 +88,58 @@ def histogram(name: str, description: str = "", boundaries: Sequence[float] = LA
     return _get("histogram", name, description, tag_keys, boundaries=list(boundaries))
 
 
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric: what :func:`counter` / :func:`gauge` / :func:`histogram` get called with."""
+
+    name: str
+    kind: str  # counter | gauge | histogram
+    description: str
+    tags: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = LATENCY_BUCKETS_S  # histograms only
+
+    def metric(self) -> Any:
+        """The metric object of this process (a no-op outside Ray)."""
+        if self.kind == "histogram":
+            return histogram(self.name, self.description, self.boundaries, self.tags)
+        return {"counter": counter, "gauge": gauge}[self.kind](self.name, self.description, self.tags)
+
+    def prometheus_names(self) -> tuple[str, ...]:
+        """The series names on a node's ``/metrics`` endpoint."""
+        base = PROMETHEUS_PREFIX + self.name
+        if self.kind == "counter":
+            return (base + "_total",)
+        if self.kind == "histogram":
+            return (base + "_bucket", base + "_sum", base + "_count")
+        return (base,)
+
+
+_RUN = ("run", "role")
+METRICS: dict[str, MetricSpec] = {s.name: s for s in (
+    # --------------------------------------------------------------- labelling (jobs/label.py)
+    MetricSpec("must_ray_images_labeled", "counter", "images pseudo-labelled and committed", ("output",)),
+    MetricSpec("must_ray_images_quarantined", "counter", "inputs quarantined (undecodable, too large ...)",
+               ("output", "reason")),
+    MetricSpec("must_ray_teacher_batch_latency_s", "histogram", "seconds one teacher takes for one batch",
+               ("teacher",)),
+    MetricSpec("must_ray_label_shard_s", "histogram", "seconds per shard and pipeline stage", ("stage",)),
+    MetricSpec("must_ray_label_shards_committed", "counter", "shards committed", ("output",)),
+    # --------------------------------------------------------------- training (rank 0 of a Ray Train run)
+    MetricSpec("must_ray_train_steps", "counter", "optimiser steps trained", _RUN),
+    MetricSpec("must_ray_train_loss", "gauge", "weighted total loss, mean over the last report window", _RUN),
+    MetricSpec("must_ray_train_task_loss", "gauge", "per-task loss, mean over the last report window "
+               "(labelled rows only)", _RUN + ("task",)),
+    MetricSpec("must_ray_train_images_per_s", "gauge", "training images per second over all workers, "
+               "last report window", _RUN),
+    MetricSpec("must_ray_train_data_wait_frac", "gauge", "fraction of the last report window the workers "
+               "waited for input batches", _RUN),
+    MetricSpec("must_ray_train_seconds_since_checkpoint", "gauge", "seconds since the run's last checkpoint "
+               "(or since this worker group started), at the last report", _RUN),
+    MetricSpec("must_ray_train_last_checkpoint_time_s", "gauge", "unix time of the run's last checkpoint "
+               "(or of this worker group's start)", _RUN),
+)}
+
+
 class LabelMetrics:
     """The labeller's metrics, updated by the teacher actors as shards commit:
 
@@ -88,18 +148,17 @@ class LabelMetrics:
     * ``must_ray_teacher_batch_latency_s`` (histogram, tag ``teacher``): seconds per teacher per batch;
     * ``must_ray_label_shard_s`` (histogram, tag ``stage``: decode / teachers / encode / write);
     * ``must_ray_label_shards_committed`` (counter, tag ``output``).
+
+    Images labelled per second is ``rate()`` of the counter (docs/monitoring.md).
     """
 
     def __init__(self, output: str = ""):
         self.output = output
-        self.labeled = counter("must_ray_images_labeled", "images pseudo-labelled and committed", ("output",))
-        self.quarantined = counter("must_ray_images_quarantined", "inputs quarantined (undecodable, too large ...)",
-                                   ("output", "reason"))
-        self.latency = histogram("must_ray_teacher_batch_latency_s", "seconds one teacher takes for one batch",
-                                 LATENCY_BUCKETS_S, ("teacher",))
-        self.stage = histogram("must_ray_label_shard_s", "seconds per shard and pipeline stage", LATENCY_BUCKETS_S,
-                               ("stage",))
-        self.shards = counter("must_ray_label_shards_committed", "shards committed", ("output",))
+        self.labeled = METRICS["must_ray_images_labeled"].metric()
+        self.quarantined = METRICS["must_ray_images_quarantined"].metric()
+        self.latency = METRICS["must_ray_teacher_batch_latency_s"].metric()
+        self.stage = METRICS["must_ray_label_shard_s"].metric()
+        self.shards = METRICS["must_ray_label_shards_committed"].metric()
 
     def images_labeled(self, n: int) -> None:
         if n:
@@ -119,4 +178,53 @@ class LabelMetrics:
         self.shards.inc(1, {"output": self.output})
 
 
-__all__ = ["counter", "gauge", "histogram", "LabelMetrics", "LATENCY_BUCKETS_S"]
+class TrainMetrics:
+    """A Ray Train run's metrics, set by the rank-0 worker at every report (every
+    ``report_every_steps``). Rank 0 alone: the values it reports are already all-reduced over the
+    group (global loss, global images/s), so one series per run is the whole truth and the
+    dashboard needs no aggregation over workers. Tags: ``run`` (the run name), ``role``
+    (teacher / student), and ``task`` for the per-task loss.
+
+    * ``must_ray_train_steps`` (counter): optimiser steps; ``rate()`` = steps/s;
+    * ``must_ray_train_loss``, ``must_ray_train_task_loss{task}`` (gauges): window means;
+    * ``must_ray_train_images_per_s``, ``must_ray_train_data_wait_frac`` (gauges);
+    * ``must_ray_train_seconds_since_checkpoint`` (gauge, at each report: the training a crash would
+      lose right now) and ``must_ray_train_last_checkpoint_time_s`` (gauge, unix time: alert on
+      ``time() - ...``, which keeps growing even when the reports stop).
+    """
+
+    def __init__(self, run: str, role: str, start_time: Optional[float] = None):
+        self.tags = {"run": run, "role": role}
+        self.last_checkpoint = time.time() if start_time is None else start_time
+        self.steps = METRICS["must_ray_train_steps"].metric()
+        self.loss = METRICS["must_ray_train_loss"].metric()
+        self.task_loss = METRICS["must_ray_train_task_loss"].metric()
+        self.images_per_s = METRICS["must_ray_train_images_per_s"].metric()
+        self.data_wait = METRICS["must_ray_train_data_wait_frac"].metric()
+        self.since_checkpoint = METRICS["must_ray_train_seconds_since_checkpoint"].metric()
+        self.checkpoint_time = METRICS["must_ray_train_last_checkpoint_time_s"].metric()
+        self.checkpoint_time.set(self.last_checkpoint, self.tags)
+
+    def report(self, metrics: Mapping[str, Any], tasks: Sequence[str], steps: int) -> None:
+        """One report's values (the dict the loop passes to ``ray.train.report``) and the steps
+        trained since the previous report."""
+        if steps:
+            self.steps.inc(steps, self.tags)
+            self.loss.set(float(metrics["loss"]), self.tags)
+            self.images_per_s.set(float(metrics["images_per_s"]), self.tags)
+            self.data_wait.set(float(metrics["data_wait_frac"]), self.tags)
+            for task in tasks:
+                value = metrics.get(f"loss_{task}")
+                if value is not None:  # no labelled row of the task in the window: keep the last value
+                    self.task_loss.set(float(value), {**self.tags, "task": task})
+        self.since_checkpoint.set(time.time() - self.last_checkpoint, self.tags)
+
+    def checkpointed(self) -> None:
+        """A checkpoint was just reported (and persisted) by this worker."""
+        self.last_checkpoint = time.time()
+        self.since_checkpoint.set(0.0, self.tags)
+        self.checkpoint_time.set(self.last_checkpoint, self.tags)
+
+
+__all__ = ["counter", "gauge", "histogram", "MetricSpec", "METRICS", "LabelMetrics", "TrainMetrics",
+           "LATENCY_BUCKETS_S", "PROMETHEUS_PREFIX"]

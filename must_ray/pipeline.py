@@ -72,18 +72,23 @@ def run_world(cfg: Config) -> dict[str, Any]:
 
 
 def run_teachers(cfg: Config) -> dict[str, Any]:
-    """Train one specialised teacher per task on its own labelled split."""
+    """Train one specialised teacher per task on its own labelled split, ``teacher.concurrent_runs``
+    at a time (independent Ray Train runs: on a 2-core laptop two one-thread teachers use both
+    cores; on a cluster each run takes its own GPU workers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from must_ray.training import train
 
-    out = {}
-    for task in student_tasks(cfg):
+    def one(task: str) -> tuple[str, dict[str, Any]]:
         if os.path.isfile(teacher_model_path(cfg, task)):
-            out[task] = {"model": teacher_model_path(cfg, task), "skipped": True}
-            continue
+            return task, {"model": teacher_model_path(cfg, task), "skipped": True}
         data = list(cfg.teacher.data) or [_split_path(cfg, f"teacher_{task}")]
         s = train(cfg, "teacher", data=data, tasks=[task], out_dir=os.path.dirname(teacher_model_path(cfg, task)))
-        out[task] = {"model": s["model"], "steps": s["steps"], "loss": s["loss"], "wall_s": s["wall_s"]}
-    return out
+        return task, {"model": s["model"], "steps": s["steps"], "loss": s["loss"], "wall_s": s["wall_s"]}
+
+    tasks = student_tasks(cfg)
+    with ThreadPoolExecutor(max(1, min(cfg.teacher.concurrent_runs, len(tasks)))) as pool:
+        return dict(pool.map(one, tasks))
 
 
 def run_label(cfg: Config) -> dict[str, Any]:

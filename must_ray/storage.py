@@ -12,7 +12,9 @@ raises :class:`~must_ray.config.ConfigError` instead.
 Whether a local path is shared is read from ``/proc/mounts``: the filesystem type of the mount
 that holds the path (longest mount-point prefix of its resolved absolute form; the path itself
 need not exist yet). A relative path is relative to the driver's working directory, which under
-``ray job submit`` is the job's unpacked ``--working-dir`` copy: always node-local.
+``ray job submit`` is the job's unpacked ``--working-dir`` copy: always node-local, and temporary,
+so :func:`check_job_output_paths` (called by ``must_ray.cli.load_job_config``) refuses relative
+output paths in a submitted job even on a single node.
 
 Environment:
   ``MUST_RAY_MULTI_NODE=1``        treat the cluster as multi-node even while only the head is up
@@ -216,8 +218,65 @@ def check_cluster_paths(cfg: Any, cluster_nodes: Optional[int] = None,
         check_shared_storage(location, nodes, key=key, mounts=mounts, cluster=cluster)
 
 
+# Set by Ray's job supervisor in the environment of a `ray job submit` entrypoint: the job's
+# runtime_env (with its working_dir URI) and metadata, as JSON (ray._private.runtime_env.constants).
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def submitted_working_dir(environ: Optional[dict] = None) -> Optional[str]:
+    """The ``working_dir`` of the runtime environment this process was submitted with
+    (``ray job submit --working-dir ...``), or ``None`` outside a submitted job / without one."""
+    import json
+
+    raw = (os.environ if environ is None else environ).get(RAY_JOB_CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    working_dir = runtime_env.get("working_dir") if isinstance(runtime_env, dict) else None
+    return str(working_dir) if working_dir else None
+
+
+def check_job_output_paths(locations: Sequence[tuple[str, str]], environ: Optional[dict] = None) -> None:
+    """Refuse relative output paths in a job submitted with a working dir.
+
+    Under ``ray job submit --working-dir .`` the entrypoint runs inside Ray's unpacked copy of
+    the working dir (``<temp-dir>/session_*/runtime_resources/working_dir_files/_ray_pkg_<hash>``):
+    a relative ``paths.root`` would write there, where nobody looks, a resubmission with changed
+    code runs in another copy (so a run could never resume), and Ray deletes unused copies.
+    ``locations``: ``(key or flag, path)`` pairs; URIs and absolute paths pass.
+    ``MUST_RAY_ALLOW_LOCAL_PATHS=1`` skips the check."""
+    environ = os.environ if environ is None else environ
+    working_dir = submitted_working_dir(environ)
+    if working_dir is None or environ.get(ALLOW_LOCAL_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    for key, location in locations:
+        if not location or uri_scheme(location) or os.path.isabs(os.path.expanduser(location)):
+            continue
+        example = f"{key} /mnt/shared/must-ray/run1" if key.startswith("--") else \
+            f"--set {key}=/mnt/shared/must-ray/run1 (or s3://my-bucket/must-ray/run1)"
+        raise ConfigError(
+            f"{key}={location!r} is a relative path, but this job was submitted with a working dir "
+            f"({working_dir}), so it would resolve inside Ray's temporary copy of that dir "
+            f"({os.path.abspath(location)}): not where you look, a new directory for every code change "
+            f"(a rerun would not resume), deleted by Ray. Give an absolute path or a URI, e.g. {example}.")
+
+
+def job_output_locations(cfg: Any) -> list[tuple[str, str]]:
+    """:func:`output_locations` plus the Ray Train storage paths when they are set."""
+    out = output_locations(cfg)
+    for role in ("teacher", "student"):
+        storage = getattr(getattr(cfg, role, None), "storage_path", None)
+        if storage:
+            out.append((f"{role}.storage_path", storage))
+    return out
+
+
 __all__ = [
     "Mount", "parse_mounts", "read_mounts", "mount_for", "uri_scheme", "describe_storage",
     "check_shared_storage", "check_cluster_paths", "cluster_node_count", "output_locations",
-    "MULTI_NODE_ENV", "ALLOW_LOCAL_ENV",
+    "submitted_working_dir", "check_job_output_paths", "job_output_locations",
+    "MULTI_NODE_ENV", "ALLOW_LOCAL_ENV", "RAY_JOB_CONFIG_ENV",
 ]

@@ -49,7 +49,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from must_ray.config import Config, ConfigError, TrainConfig, config_from_dict, config_to_dict
+from must_ray.config import Config, ConfigError, TrainConfig, config_from_dict, config_to_dict, teacher_config
 
 log = logging.getLogger("must_ray.training")
 
@@ -77,7 +77,8 @@ def lr_factor(step: int, warmup: int, total: int, floor: float = 0.01) -> float:
 
 
 class TaskWeighting(nn.Module):
-    """Per-task loss weights. ``fixed``: ``sum_t w_t L_t`` with ``w_t = tasks.<t>.loss_weight``.
+    """Per-task loss weights. ``fixed``: ``sum_t w_t L_t`` with ``w_t = <role>.loss_weights[t]``
+    (default ``tasks.<t>.loss_weight``).
     ``uncertainty`` (Kendall, Gal & Cipolla 2018): a learned log-variance ``s_t`` per task,
     ``sum_t w_t (exp(-s_t) L_t + s_t)``. One scalar parameter per task, so a task absent from a
     step can have its gradient set to ``None`` and is skipped by the optimiser."""
@@ -163,6 +164,68 @@ def param_groups(module: TrainModule, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_module(cfg: Config, tcfg: TrainConfig, task_names: Sequence[str], num_classes: int) -> tuple[dict, TrainModule]:
+    """``(tasks, TrainModule)`` of a run: ``MultiTaskModel`` (backbone, FPN, one head per task) and
+    the task weighting. Shared by the Ray Train worker and the benchmarks' plain PyTorch loop, so
+    both train exactly the same model."""
+    from must_ray.models import MultiTaskModel
+    from must_ray.tasks import build_tasks
+
+    tasks = build_tasks(list(task_names), num_classes, cfg.tasks)
+    mcfg = tcfg.model
+    model = MultiTaskModel(mcfg.backbone, tasks, fpn_channels=mcfg.fpn_channels, pretrained=mcfg.pretrained,
+                           weights_path=mcfg.backbone_weights)
+    weights = {t: tcfg.loss_weights.get(t, cfg.tasks[t].loss_weight if t in cfg.tasks else 1.0) for t in task_names}
+    weighting = TaskWeighting(task_names, weights, tcfg.task_weighting)
+    return tasks, TrainModule(model, weighting)
+
+
+def build_optimizer(raw: TrainModule, tcfg: TrainConfig, total_steps: int):
+    """``(AdamW, LambdaLR)``: decay on conv/linear weights only, warm-up + cosine over ``total_steps``."""
+    optimizer = torch.optim.AdamW(param_groups(raw, tcfg.weight_decay), lr=tcfg.lr, betas=(0.9, 0.999))
+    warmup = int(tcfg.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
+    return optimizer, scheduler
+
+
+def train_step(raw: TrainModule, wrapped: nn.Module, tasks: dict, images_u8: torch.Tensor, targets: dict,
+               present: dict[str, bool], optimizer, scheduler, *, grad_clip: float = 0.0, ema: Optional[EMA] = None,
+               step: int = 0, channels_last: bool = False, autocast=None) -> tuple[torch.Tensor, dict]:
+    """One optimiser step on a collated batch: forward (``wrapped``: DDP or the module itself), masked
+    per-task losses, weighting, backward, absent tasks' gradients dropped (AdamW skips them),
+    clipping, optimiser + scheduler step, EMA. ``present[t]``: the *global* batch has a label for
+    ``t`` (absent heads run in eval mode). Returns ``(total loss, {task: loss})``. The one step
+    of the Ray Train worker and of the benchmarks' plain loop."""
+    from contextlib import nullcontext
+
+    from must_ray.models import images_to_tensor
+
+    task_names = list(tasks)
+    for t in task_names:  # absent heads: eval mode, so their BatchNorm statistics stay put
+        raw.model.heads[t].train(present[t])
+    device = next(raw.parameters()).device
+    images = images_to_tensor(images_u8, device=device, channels_last=channels_last)
+    with (autocast() if autocast is not None else nullcontext()):
+        outputs = wrapped(images)
+    losses = {t: tasks[t].loss(outputs[t], targets[t]) for t in task_names}
+    total = raw.weighting(losses, present)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    for t in task_names:
+        if not present[t]:
+            for p in raw.model.heads[t].parameters():
+                p.grad = None
+            if t in raw.weighting.log_vars:
+                raw.weighting.log_vars[t].grad = None
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.grad is not None], grad_clip)
+    optimizer.step()
+    scheduler.step()
+    if ema is not None:
+        ema.update(raw.model, step)
+    return total, losses
+
+
 def _fault_settings(out_dir: str) -> Optional[dict]:
     raw = os.environ.get(FAIL_ENV[0])
     if not raw:
@@ -200,7 +263,13 @@ def _is_uri(path: str) -> bool:
 
 
 def default_storage_path(cfg: Config, tcfg: TrainConfig) -> str:
-    """``TrainConfig.storage_path`` or ``<paths.root>/ray_results``, absolute (Ray needs that)."""
+    """``TrainConfig.storage_path`` or ``<paths.root>/ray_results``, absolute (Ray needs that).
+    The default under a relative ``paths.root`` is refused in a job submitted with a working dir
+    (it would be Ray's temporary copy; ``cli.load_job_config`` checks an explicit storage_path)."""
+    from must_ray.storage import check_job_output_paths
+
+    if not tcfg.storage_path:
+        check_job_output_paths([("paths.root", cfg.paths.root)])
     path = tcfg.storage_path or os.path.join(cfg.paths.root, "ray_results")
     return path if _is_uri(path) else os.path.abspath(path)
 
@@ -233,8 +302,8 @@ def train_loop_per_worker(lc: dict) -> None:
     import torch.distributed as dist
 
     from must_ray.data import TrainCollate, batch_to_device, split_batch
-    from must_ray.models import MultiTaskModel, images_to_tensor, load_matching_weights, save_model
-    from must_ray.tasks import build_tasks
+    from must_ray.monitoring import TrainMetrics
+    from must_ray.models import load_matching_weights, save_model
 
     t_start = time.time()
     cfg = config_from_dict(lc["config"])
@@ -262,13 +331,9 @@ def train_loop_per_worker(lc: dict) -> None:
 
     # -------------------------------------------------------------- model + restore
     torch.manual_seed(tcfg.seed)
-    tasks = build_tasks(task_names, num_classes, cfg.tasks)
     mcfg = tcfg.model
-    model = MultiTaskModel(mcfg.backbone, tasks, fpn_channels=mcfg.fpn_channels, pretrained=mcfg.pretrained,
-                           weights_path=mcfg.backbone_weights)
-    weighting = TaskWeighting(task_names, {t: cfg.tasks[t].loss_weight if t in cfg.tasks else 1.0 for t in task_names},
-                              tcfg.task_weighting)
-    module = TrainModule(model, weighting)
+    tasks, module = build_module(cfg, tcfg, task_names, num_classes)
+    model, weighting = module.model, module.weighting
 
     state: Optional[dict] = None
     restore_s = 0.0
@@ -301,7 +366,6 @@ def train_loop_per_worker(lc: dict) -> None:
     wrapped = ray.train.torch.prepare_model(module)
     raw: TrainModule = wrapped.module if isinstance(getattr(wrapped, "module", None), TrainModule) else wrapped
 
-    optimizer = torch.optim.AdamW(param_groups(raw, tcfg.weight_decay), lr=tcfg.lr, betas=(0.9, 0.999))
     # -------------------------------------------------------------- schedule
     global_batch = int(tcfg.global_batch_size)
     per_worker = global_batch // world
@@ -312,8 +376,7 @@ def train_loop_per_worker(lc: dict) -> None:
         raise ValueError(f"{num_rows} rows are fewer than one global batch of {global_batch} images "
                          f"({world} workers x {per_worker})")
     total_steps = int(tcfg.max_steps) if tcfg.max_steps else int(tcfg.epochs) * steps_per_epoch
-    warmup = int(tcfg.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
+    optimizer, scheduler = build_optimizer(raw, tcfg, total_steps)
     ema = EMA(raw.model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
 
     step = epoch = step_in_epoch = 0
@@ -364,6 +427,8 @@ def train_loop_per_worker(lc: dict) -> None:
                           "data": list(lc["data"])})
 
     done = {"final": False}
+    # Ray metrics (dashboard / Prometheus): rank 0 only, its report values are already global
+    dash = TrainMetrics(lc["run_name"], role) if rank == 0 else None
 
     def report(final: bool) -> None:
         done["final"] = done["final"] or final
@@ -393,6 +458,8 @@ def train_loop_per_worker(lc: dict) -> None:
             parts = " ".join(f"{t}={metrics[f'loss_{t}']:.4f}" for t in task_names if metrics[f"loss_{t}"] is not None)
             _say(f"[{lc['run_name']}] step {step}/{total_steps} epoch {epoch} loss {metrics['loss']:.4f} ({parts}) "
                   f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.1f} img/s x{world}")
+        if dash is not None:
+            dash.report(metrics, task_names, steps=win["steps"])
         win.update(t=time.time(), steps=0, wait=0.0)
         for key in ("loss", "n", "total"):
             win[key].zero_()
@@ -426,6 +493,8 @@ def train_loop_per_worker(lc: dict) -> None:
                 export_model(os.path.join(tmp, MODEL_FILE))
             name = f"checkpoint_step{step:08d}_a{len(attempts) - 1}{'_final' if final else ''}"
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        if dash is not None:
+            dash.checkpointed()
 
     # -------------------------------------------------------------- train
     wrapped.train()
@@ -457,28 +526,9 @@ def train_loop_per_worker(lc: dict) -> None:
                 exhausted = True
                 break
             present = {t: bool(counts[i] > 0) for i, t in enumerate(task_names)}
-            for t in task_names:  # absent heads: eval mode, so their BatchNorm statistics stay put
-                raw.model.heads[t].train(present[t])
-
-            images = images_to_tensor(images_u8, device=device, channels_last=channels_last)
-            with autocast():
-                outputs = wrapped(images)
-            losses = {t: tasks[t].loss(outputs[t], targets[t]) for t in task_names}
-            total = raw.weighting(losses, present)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            for t in task_names:
-                if not present[t]:
-                    for p in raw.model.heads[t].parameters():
-                        p.grad = None
-                    if t in raw.weighting.log_vars:
-                        raw.weighting.log_vars[t].grad = None
-            if tcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.grad is not None], tcfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(raw.model, step)
+            total, losses = train_step(raw, wrapped, tasks, images_u8, targets, present, optimizer, scheduler,
+                                       grad_clip=tcfg.grad_clip, ema=ema, step=step, channels_last=channels_last,
+                                       autocast=autocast)
             step += 1
             step_in_epoch += 1
 
@@ -551,6 +601,8 @@ def train(cfg: Config, role: str, data: Optional[Sequence[str]] = None, tasks: O
     from must_ray.data import cache_in_object_store, read_tables, tables_bytes
 
     t_start = time.time()
+    if role == "teacher" and tasks and len(tasks) == 1:
+        cfg = teacher_config(cfg, tasks[0])  # that teacher's recipe (teacher.per_task)
     tcfg, data, names, classes, rows = _resolve(cfg, role, data, tasks)
     image_size = int(tcfg.image_size or cfg.world.image_size)
     if out_dir is None:

@@ -383,6 +383,14 @@ def beats_all(result: Mapping[str, Any], name: str, against: Optional[Sequence[s
     return out
 
 
+def student_vs_teachers(result: Mapping[str, Any]) -> Optional[dict[str, bool]]:
+    """Per task: does the ``student`` backbone strictly beat every ``teacher_*`` backbone? MuST's
+    representation claim, read off the transfer table; ``None`` without a student or teacher row."""
+    names = [r["backbone"] for r in result["rows"]]
+    teachers = [n for n in names if n.startswith("teacher_")]
+    return beats_all(result, "student", teachers) if "student" in names and teachers else None
+
+
 def transfer_markdown(result: Mapping[str, Any]) -> str:
     """The transfer table as Markdown (rows = backbones, columns = each task's primary metric, the
     best value per column in bold)."""
@@ -402,9 +410,15 @@ def transfer_markdown(result: Mapping[str, Any]) -> str:
         body.append(cells)
     where = f" (domain `{result['domain']}`)" if result.get("domain") else ""
     probe = result["probe"]
+    verdict = student_vs_teachers(result)
+    tail = ""
+    if verdict is not None:
+        won, lost = [t for t, v in verdict.items() if v], [t for t, v in verdict.items() if not v]
+        tail = (f"\nStudent backbone vs every teacher backbone: beats them all on "
+                f"{', '.join(won) or 'no task'}" + (f"; not on {', '.join(lost)}" if lost else "") + ".\n")
     return (f"# Transfer{where}\n\nFrozen {probe['features']} features, {probe['kind']} probes fitted on "
             f"`{result['train_table']}` ({result['train_rows']} images), scored on `{result['test_table']}` "
-            f"({result['test_rows']} images).\n\n" + md_table(header, body) + "\n")
+            f"({result['test_rows']} images).\n\n" + md_table(header, body) + "\n" + tail)
 
 
 def write_transfer(out_dir: str, result: Mapping[str, Any]) -> dict[str, str]:
@@ -413,7 +427,8 @@ def write_transfer(out_dir: str, result: Mapping[str, Any]) -> dict[str, str]:
 
     json_path = os.path.join(out_dir, "transfer.json")
     md_path = os.path.join(out_dir, "transfer.md")
-    _write_text(json_path, dumps_strict(result, indent=2, sort_keys=True) + "\n")
+    payload = dict(result, student_beats_teachers=student_vs_teachers(result))
+    _write_text(json_path, dumps_strict(payload, indent=2, sort_keys=True) + "\n")
     _write_text(md_path, transfer_markdown(result))
     return {"transfer_json": json_path, "transfer_md": md_path}
 

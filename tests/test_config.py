@@ -44,6 +44,13 @@ def test_yaml_merges_into_defaults_and_set_overrides(tmp_path):
         (["world.splits.test.domain=underwater"], "world.splits.test.domain: 'underwater' is not one of"),
         (["world.min_objects=6", "world.max_objects=3"], "world.min_objects/max_objects"),
         (["paths=3"], "paths: expected a mapping"),
+        (["teacher.per_task={depth: {max_stepz: 5}}"], "teacher.per_task.depth.max_stepz: unknown key"),
+        (["teacher.per_task={depth: {lr: -1}}"], "teacher.per_task.depth.lr must be > 0"),
+        (["teacher.per_task={colour: {}}"], "teacher.per_task.colour: unknown task"),
+        (["student.per_task={depth: {lr: 1}}"], "student.per_task: only teachers"),
+        (["student.concurrent_runs=2"], "student.concurrent_runs must be"),
+        (["student.loss_weights={normals: -1}"], "student.loss_weights.normals must be >= 0"),
+        (["student.loss_weights={colour: 1}"], "student.loss_weights.colour: unknown task"),
         (["novalue"], "expected dotted.key=value"),
     ],
 )
@@ -51,6 +58,17 @@ def test_bad_values_fail_naming_the_key(overrides, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert fragment in str(info.value)
+
+
+def test_teacher_per_task_recipe_merges_over_the_teacher_section():
+    from must_ray.config import teacher_config
+
+    cfg = load_config(None, ["teacher.max_steps=100", "teacher.model.fpn_channels=32",
+                             "teacher.per_task={classification: {max_steps: 900, model: {fpn_channels: 48}}}"])
+    cls = teacher_config(cfg, "classification").teacher
+    assert cls.max_steps == 900 and cls.model.fpn_channels == 48 and cls.model.backbone == cfg.teacher.model.backbone
+    assert cls.per_task == {} and cls.lr == cfg.teacher.lr
+    assert teacher_config(cfg, "depth") is cfg  # no per-task changes: the config itself
 
 
 def test_bad_yaml_file_errors(tmp_path):

@@ -277,3 +277,25 @@ def test_evaluate_job_writes_reports(world_table, random_model, depth_model, tmp
     assert set(data["models"]) == {"student", "teacher_depth"}
     assert (out / "metrics.md").read_text().startswith("# Evaluation")
     assert (out / "grid.png").is_file()
+
+
+def test_transfer_verdict_student_against_every_teacher(tmp_path):
+    from must_ray.transfer import student_vs_teachers, transfer_markdown, write_transfer
+
+    def row(name, top1, angle):
+        return {"backbone": name, "values": {"classification": top1, "normals": angle}}
+    result = {"tasks": ["classification", "normals"], "columns": {"classification": "top1", "normals": "mean_angle"},
+              "higher_is_better": {"classification": True, "normals": False},
+              "rows": [row("student", 0.5, 20.0), row("teacher_a", 0.4, 19.0), row("teacher_b", 0.5, 25.0),
+                       row("random", 0.9, 10.0)],  # random is not a teacher: never compared
+              "best": {"classification": "random", "normals": "random"},
+              "probe": {"features": "backbone", "kind": "ridge"}, "train_table": "a", "test_table": "b",
+              "train_rows": 4, "test_rows": 4}
+    # a tie with teacher_b is not a win; teacher_a has the lower (better) angle
+    assert student_vs_teachers(result) == {"classification": False, "normals": False}
+    result["rows"][0]["values"] = {"classification": 0.6, "normals": 18.0}
+    assert student_vs_teachers(result) == {"classification": True, "normals": True}
+    assert "beats them all on classification, normals." in transfer_markdown(result)
+    files = write_transfer(str(tmp_path), result)
+    assert json.load(open(files["transfer_json"]))["student_beats_teachers"] == {"classification": True, "normals": True}
+    assert student_vs_teachers(dict(result, rows=result["rows"][1:])) is None

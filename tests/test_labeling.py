@@ -88,13 +88,15 @@ def test_label_image_files_one_row_each_and_labels_equal_the_model_outside_ray(w
     models = {}
     for task in TASKS:
         path = shared if task in ("classification", "detection") else str(tmp_path / "teachers" / task / "model.pt")
-        models[task] = load_model(path, task_overrides={task: cfg.tasks[task]})
+        model, info = load_model(path, task_overrides={task: cfg.tasks[task]})
+        models[task] = (model.to(memory_format=torch.channels_last), info)  # as the teacher runs it
     for start in range(0, N_IMAGES, 4):  # shards of 8 = two batches of 4, both in path order
         batch = np.stack([resize_rgb(decode_image(Path(f).read_bytes()), 64) for f in files[start:start + 4]])
         assert all(np.array_equal(decode_image_rgb(rows[start + j]["image"]), batch[j]) for j in range(4))
         with torch.no_grad():
             for task, (model, info) in models.items():
-                labels = info["tasks"][task].predict(model(images_to_tensor(batch), tasks=[task])[task], (64, 64))
+                x = images_to_tensor(batch, channels_last=True)
+                labels = info["tasks"][task].predict(model(x, tasks=[task])[task], (64, 64))
                 for j, label in enumerate(labels):
                     cells = info["tasks"][task].encode(label)
                     for col, value in cells.items():

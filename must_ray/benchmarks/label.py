@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from must_ray.benchmarks.common import check, module_main, ray_worker_niceness, run_module
 from must_ray.config import Config, config_from_dict, config_to_dict
 
 
@@ -55,7 +56,7 @@ def write_benchmark_images(cfg: Config, directory: str, num_images: int) -> list
     return sorted(paths)
 
 
-def _usable_teachers(cfg: Config) -> tuple[Config, dict[str, str]]:
+def usable_teachers(cfg: Config) -> tuple[Config, dict[str, str]]:
     """``cfg`` with every teacher whose checkpoint is missing switched to ``kind=random`` (so the
     benchmark runs before the teachers are trained); returns the kinds used per task."""
     from must_ray.labeling import label_tasks
@@ -157,39 +158,12 @@ def ray_job(cfg: Config, image_dir: str, out_dir: str) -> dict[str, Any]:
             "stage_s": summary["stage_s"], "teacher_s": summary["teacher_s"]}
 
 
-def ray_worker_niceness() -> int:
-    """The scheduling niceness of Ray's worker processes (Ray starts them at nice 15 on Linux)."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def _nice() -> int:
-        return os.nice(0)
-
-    return int(ray.get(_nice.remote()))
-
-
 def run_plain_subprocess(cfg: Config, image_dir: str, out_path: str, threads: int, niceness: int = 0) -> dict[str, Any]:
     """:func:`plain_loop` in a fresh Python process at ``niceness`` (the Ray workers' niceness, so
     both sides get the same CPU priority on a shared machine); ``seconds`` = its whole wall time."""
-    import json
-    import subprocess
-    import sys
-
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"cfg": config_to_dict(cfg), "image_dir": image_dir, "out": out_path, "threads": threads}, f)
-        spec = f.name
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    try:
-        t0 = time.perf_counter()
-        bump = max(0, niceness - os.nice(0))
-        proc = subprocess.run([sys.executable, "-m", "must_ray.benchmarks.label", spec], capture_output=True,
-                              text=True, env=env, preexec_fn=(lambda: os.nice(bump)) if bump else None)
-        wall = time.perf_counter() - t0
-    finally:
-        os.unlink(spec)
-    if proc.returncode != 0:
-        raise RuntimeError(f"plain loop failed: {proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    spec = {"cfg": config_to_dict(cfg), "image_dir": image_dir, "out": out_path, "threads": threads}
+    result = run_module("must_ray.benchmarks.label", spec, threads, niceness)
+    wall = result.pop("process_s")
     result["in_process_seconds"] = result["seconds"]
     result["seconds"] = round(wall, 3)
     result["images_per_s"] = round(result["images"] / wall, 2)
@@ -213,7 +187,7 @@ def benchmark_label(cfg: Config, num_images: int = 2048, workdir: Optional[str] 
     threads = threads or sorted({1, cores})
     niceness = ray_worker_niceness()
     load_before = os.getloadavg()[0]
-    cfg, kinds = _usable_teachers(cfg)
+    cfg, kinds = usable_teachers(cfg)
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="must-ray-bench-label-")
     try:
@@ -261,6 +235,10 @@ def benchmark_label(cfg: Config, num_images: int = 2048, workdir: Optional[str] 
             "ray_steady_images_per_s": ray_steady,
             "steady_ratio": round(ray_steady / plain_steady[best_steady_t], 3),
             "target_ratio": 0.9,
+            "checks": [check("labelling, Ray Data job / plain PyTorch loop, end to end", round(ray_e2e / plain_e2e[best_t], 3),
+                             ">=", 0.9),
+                       check("labelling, Ray Data job / plain PyTorch loop, steady state",
+                             round(ray_steady / plain_steady[best_steady_t], 3), ">=", 0.9)],
             "plain_best_threads": int(best_t),
             "plain_images_per_s_by_threads": plain_e2e,
             "niceness": niceness,  # both sides ran at the Ray workers' CPU priority
@@ -278,22 +256,14 @@ def benchmark_label(cfg: Config, num_images: int = 2048, workdir: Optional[str] 
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _main(spec_path: str) -> None:
-    import json
-    import sys
-
-    with open(spec_path) as f:
-        spec = json.load(f)
+def _plain_main(spec: dict) -> dict[str, Any]:
     cfg = config_from_dict(spec["cfg"])
     files = sorted(os.path.join(spec["image_dir"], n) for n in os.listdir(spec["image_dir"]))
-    result = plain_loop(cfg, files, spec["out"], int(spec["threads"]))
-    sys.stdout.write(json.dumps(result) + "\n")
+    return plain_loop(cfg, files, spec["out"], int(spec["threads"]))
 
 
-__all__ = ["benchmark_label", "plain_loop", "ray_job", "run_plain_subprocess", "write_benchmark_images"]
+__all__ = ["benchmark_label", "plain_loop", "ray_job", "run_plain_subprocess", "usable_teachers", "write_benchmark_images"]
 
 
 if __name__ == "__main__":
-    import sys
-
-    _main(sys.argv[1])
+    module_main(_plain_main)
