@@ -173,7 +173,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     ema_decay: float = 0.0  # 0 = no EMA of weights
     task_weighting: Literal["fixed", "uncertainty"] = "fixed"
-    loss_weights: dict[str, float] = field(default_factory=dict)  # this run's fixed task weights; missing = tasks.<t>.loss_weight
+    loss_weights: dict[str, float] = field(default_factory=dict)  # this run's task weights (default tasks.<t>.loss_weight)
     augment: bool = True
     crop_scale_min: float = 0.6  # random crop keeps at least this fraction of the image area
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU

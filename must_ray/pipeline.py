@@ -77,12 +77,13 @@ def run_teachers(cfg: Config) -> dict[str, Any]:
     cores; on a cluster each run takes its own GPU workers)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from must_ray.config import teacher_config
     from must_ray.training import train
 
     def one(task: str) -> tuple[str, dict[str, Any]]:
         if os.path.isfile(teacher_model_path(cfg, task)):
             return task, {"model": teacher_model_path(cfg, task), "skipped": True}
-        data = list(cfg.teacher.data) or [_split_path(cfg, f"teacher_{task}")]
+        data = list(teacher_config(cfg, task).teacher.data) or [_split_path(cfg, f"teacher_{task}")]
         s = train(cfg, "teacher", data=data, tasks=[task], out_dir=os.path.dirname(teacher_model_path(cfg, task)))
         return task, {"model": s["model"], "steps": s["steps"], "loss": s["loss"], "wall_s": s["wall_s"]}
 
