@@ -175,6 +175,7 @@ class ShardLabeler:
         return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
     def label_and_commit(self, prep: PreparedShard) -> dict[str, Any]:
+        cpu0 = time.process_time()  # the actor process's CPU seconds (all its threads) for this shard
         table, quarantine, timings = label_shard(prep, self.teachers, self.tasks, self.schema, self.batch_size,
                                                  self.metrics, self.executor)
         t0 = time.perf_counter()
@@ -194,7 +195,7 @@ class ShardLabeler:
                 "write_s": write_s, "teacher_s": json.dumps(timings["teachers"]), "pid": os.getpid(),
                 "decoded_here": prep.decode_pid == os.getpid(), "actor_ready_at": self.ready_at,
                 "actor_init_s": self.init_s, "committed_at": time.time(), "actor_timeline": self.timeline,
-                "peak_rss_mb": peak_rss_mb()}
+                "peak_rss_mb": peak_rss_mb(), "cpu_s": time.process_time() - cpu0}
 
 
 def peak_rss_mb() -> float:
@@ -212,7 +213,8 @@ SUMMARY_SCHEMA = pa.schema([("shard", pa.int64()), ("rows", pa.int64()), ("quara
                             ("encode_s", pa.float64()), ("write_s", pa.float64()), ("teacher_s", pa.string()),
                             ("pid", pa.int64()), ("decoded_here", pa.bool_()), ("actor_ready_at", pa.float64()),
                             ("actor_init_s", pa.float64()), ("committed_at", pa.float64()),
-                            ("actor_timeline", pa.list_(pa.float64())), ("peak_rss_mb", pa.float64())])
+                            ("actor_timeline", pa.list_(pa.float64())), ("peak_rss_mb", pa.float64()),
+                            ("cpu_s", pa.float64())])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -334,6 +336,7 @@ def run_labeling(cfg: Config, input_uri: Optional[str] = None, output: Optional[
     decoded_in_actor = 0
     timelines: dict[int, list[float]] = {}
     peak_rss: dict[int, float] = {}  # pid -> the actor's peak RSS (MiB) at its last commit
+    actor_cpu_s = 0.0  # CPU seconds the actor processes spent on the shards (teachers, encoding, commit)
     commits: list[tuple[float, int]] = []  # (epoch seconds, images) per committed shard
     t_pipe = time.perf_counter()
     t_pipe_epoch = time.time()
@@ -368,6 +371,7 @@ def run_labeling(cfg: Config, input_uri: Optional[str] = None, output: Optional[
                 actors[row["pid"]] = (row["actor_ready_at"], row["actor_init_s"])
                 timelines[row["pid"]] = row["actor_timeline"]
                 peak_rss[row["pid"]] = max(peak_rss.get(row["pid"], 0.0), row["peak_rss_mb"])
+                actor_cpu_s += row["cpu_s"]
                 decoded_in_actor += int(row["decoded_here"])
                 commits.append((row["committed_at"], row["rows"] + row["quarantined"]))
                 for name, sec in json.loads(row["teacher_s"]).items():
@@ -416,6 +420,7 @@ def run_labeling(cfg: Config, input_uri: Optional[str] = None, output: Optional[
         "steady_images_per_s": _steady_rate(actors, commits),
         "shards_decoded_in_actor": decoded_in_actor,  # 0: decode ran in its own tasks, overlapped
         "actor_peak_rss_mb": max(peak_rss.values()) if peak_rss else None,  # the largest teacher actor's peak RSS
+        "actor_cpu_s": round(actor_cpu_s, 2),  # vs pipeline_s x actors: CPU the actors got (contention shows here)
     }
     assert summary["rows"] + summary["quarantined"] == summary["inputs"], summary
     store.write_success(summary)

@@ -92,6 +92,7 @@ def test_memory_and_scaling_label_every_image(run):
     assert all(x["rows"] == 16 for rs in sc["runs"].values() for x in rs)
     assert sc["actors_used"]["1"] == [1] and 1 <= sc["actors_used"]["2"][0] <= 2 and sc["speedup"] > 0
     assert len(sc["capacity_before_after"]) == 2 and sc["capacity"] > 0 and sc["efficiency"] > 0
+    assert all(v > 0 for v in sc["actor_cpu_ms_per_image"].values())
 
 
 def test_doc_regenerated_between_markers(run):

@@ -78,6 +78,8 @@ def _scaling(r: dict) -> list[str]:
     per = ", ".join(f"{a} actor(s) {v} img/s" for a, v in r["steady_images_per_s"].items())
     e2e = ", ".join(f"{a}: {v}" for a, v in r["images_per_s"].items())
     return [f"steady {per}; end to end {e2e} img/s (speedup {r['speedup_end_to_end']})",
+            "teacher actors' CPU per image: " + ", ".join(f"{a} actor(s) {v} ms" for a, v in
+                                                          r.get("actor_cpu_ms_per_image", {}).items()),
             f"machine capacity for {r['actors'][-1]} single-thread workers (matmul probe, before / after): "
             f"{r['capacity_before_after']} -> speedup / capacity = {r['efficiency']}",
             f"{r['cpus_per_actor']} CPUs and 1 torch thread per actor, decode tasks {r['decode_num_cpus']} CPUs, "

@@ -32,7 +32,7 @@ def labeling_run(cfg: Config, image_dir: str, out_dir: str) -> dict[str, Any]:
     shutil.rmtree(out_dir + "_quarantine", ignore_errors=True)
     s = run_labeling(cfg, image_dir, out_dir, log_every_s=1e9)
     keys = ("inputs", "rows", "quarantined", "shards", "actors_used", "images_per_s", "steady_images_per_s",
-            "pipeline_s", "actor_start_s", "actor_peak_rss_mb", "stage_s", "shards_decoded_in_actor")
+            "pipeline_s", "actor_start_s", "actor_peak_rss_mb", "actor_cpu_s", "stage_s", "shards_decoded_in_actor")
     return {k: s[k] for k in keys}
 
 

@@ -12,6 +12,9 @@ for a decode task (an actor pool that holds every CPU starves the decode tasks a
 The figure is ``steady_images_per_s`` of the run summary: images from the first actor being ready
 to the last commit (actor start-up excluded; on a pool of millions of images it is amortised);
 end-to-end images/s are reported too. Rounds alternate the order (1, 2, 2, 1 ...); medians.
+``actor_cpu_ms_per_image``: CPU time the teacher actors used per image (``process_time`` per
+shard); the same for both pool sizes means a second actor adds no work, so a speedup short of the
+target is CPU the actors did not get.
 
 ``capacity``: what the machine offers right now, measured before and after the runs with the
 same resources and priority as the actors: the summed rate of N concurrent single-thread Ray tasks
@@ -106,13 +109,16 @@ def benchmark_scaling(cfg: Config, num: int = DEFAULT_NUM, actors: Sequence[int]
         ceiling = round(sum(capacity) / len(capacity), 3)
         steady = {a: median(x["steady_images_per_s"] for x in rs) for a, rs in runs.items()}
         e2e = {a: median(x["images_per_s"] for x in rs) for a, rs in runs.items()}
+        # CPU the actor processes used per image: equal across pool sizes = no extra work per image,
+        # so a missing speedup is CPU the actors did not get (contention), not overhead
+        cpu_ms = {a: median(1000 * x["actor_cpu_s"] / max(x["inputs"], 1) for x in rs) for a, rs in runs.items()}
         lo, hi = str(sizes[0]), str(sizes[-1])
         speedup = round(steady[hi] / steady[lo], 3)
         return {
             "benchmark": "scaling", "images": num, "cores": cores, "teachers": kinds, "repeats": repeats,
             "actors": sizes, "cpus_per_actor": per_actor, "decode_num_cpus": decode_cpus, "torch_threads": 1,
             "shard_size": cfg.label.shard_size, "batch_size": cfg.label.batch_size,
-            "steady_images_per_s": steady, "images_per_s": e2e,
+            "steady_images_per_s": steady, "images_per_s": e2e, "actor_cpu_ms_per_image": cpu_ms,
             "speedup": speedup, "speedup_end_to_end": round(e2e[hi] / e2e[lo], 3),
             "target_speedup": TARGET_SPEEDUP,
             "capacity": ceiling, "capacity_before_after": capacity, "efficiency": round(speedup / ceiling, 3),

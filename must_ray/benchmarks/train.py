@@ -8,7 +8,7 @@ tasks: a pseudo-label table's schema) with the trainer's own pieces: ``build_mod
 ``build_optimizer`` and ``train_step`` of ``must_ray.training``, and ``TrainCollate`` (decode,
 random crop + flip of image and labels) for the input. The plain loop holds the table in memory,
 collates each batch inline (a map-style dataset with ``DataLoader(num_workers=0)``) and runs the
-step; no Ray, run as a fresh process at the Ray workers' CPU priority. The Ray side is the real
+step, in a Ray task only so that it gets the Ray workers' CPU priority and no process start. The Ray side is the real
 job: Ray Data (table cached in the object store), ``iter_torch_batches`` with the collate in
 prefetch threads, DDP/gloo with several workers, reports every ``warmup_steps`` steps.
 
@@ -37,8 +37,8 @@ import tempfile
 import time
 from typing import Any, Optional, Sequence
 
-from must_ray.benchmarks.common import (check, median, module_main, positive, ray_cpus, ray_worker_niceness,
-                                        run_module, with_overrides, world_table)
+from must_ray.benchmarks.common import (check, median, positive, ray_cpus, ray_worker_niceness, with_overrides,
+                                        world_table)
 from must_ray.config import Config, ConfigError, config_from_dict, config_to_dict
 
 TARGET_RATIO = 0.9
@@ -130,17 +130,27 @@ def plain_train(cfg: Config, table: str, threads: int, warmup_steps: int, steps:
             "collate_s": round(collate_s, 3)}
 
 
-def run_plain(cfg: Config, table: str, threads: int, warmup_steps: int, steps: int, niceness: int = 0,
-              precollated: bool = False, max_seconds: Optional[float] = None) -> dict[str, Any]:
-    """:func:`plain_train` in a fresh process at ``niceness`` (see ``common.run_module``)."""
-    spec = {"cfg": config_to_dict(cfg), "table": table, "threads": threads, "warmup_steps": warmup_steps,
-            "steps": steps, "precollated": precollated, "max_seconds": max_seconds}
-    return run_module("must_ray.benchmarks.train", spec, threads, niceness)
+def _plain_task(cfg_dict: dict, table: str, threads: int, warmup_steps: int, steps: int,
+                max_seconds: Optional[float]) -> dict[str, Any]:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        result = plain_train(config_from_dict(cfg_dict), table, threads, warmup_steps, steps, max_seconds=max_seconds)
+    finally:
+        torch.set_num_threads(before)  # a pooled Ray worker: leave it as it was
+    return {**result, "niceness": os.nice(0)}
 
 
-def _plain_main(spec: dict) -> dict[str, Any]:
-    return plain_train(config_from_dict(spec["cfg"]), spec["table"], int(spec["threads"]), int(spec["warmup_steps"]),
-                       int(spec["steps"]), bool(spec.get("precollated")), spec.get("max_seconds"))
+def run_plain(cfg: Config, table: str, threads: int, warmup_steps: int, steps: int,
+              max_seconds: Optional[float] = None) -> dict[str, Any]:
+    """:func:`plain_train` in a Ray task that reserves ``threads`` CPUs. The loop itself is plain
+    PyTorch (no Ray Data, no Ray Train); the task only gives it a process with the Ray side's CPU
+    priority (Ray starts workers at nice 15) without a process start per run."""
+    import ray
+
+    task = ray.remote(num_cpus=threads)(_plain_task)
+    return ray.get(task.remote(config_to_dict(cfg), table, threads, warmup_steps, steps, max_seconds))
 
 
 # ----------------------------------------------------------------------------- the Ray Train side
@@ -218,6 +228,8 @@ def benchmark_train(cfg: Config, warmup_steps: int = DEFAULT_WARMUP, steps: int 
     threads = sorted(set(threads or [1, cores]))
     for t in threads:
         positive("--threads", t)
+        if t > cores:
+            raise ConfigError(f"--threads {t}: the plain loop reserves one Ray CPU per thread, Ray has {cores}")
     batch = int(cfg.student.global_batch_size)
     rows = rows or batch * (warmup_steps + steps + 1)
     if rows < batch * (warmup_steps + steps):
@@ -234,8 +246,7 @@ def benchmark_train(cfg: Config, warmup_steps: int = DEFAULT_WARMUP, steps: int 
 
         def run_plain_side() -> None:
             for t in threads:
-                plain_runs[str(t)].append(run_plain(cfg, table, t, warmup_steps, steps, niceness,
-                                                    max_seconds=plain_max_seconds))
+                plain_runs[str(t)].append(run_plain(cfg, table, t, warmup_steps, steps, max_seconds=plain_max_seconds))
 
         def run_ray_side() -> None:
             for w, c in configs:
@@ -285,7 +296,3 @@ def table_task_names(table: str) -> list[str]:
 
 
 __all__ = ["benchmark_train", "plain_train", "run_plain", "ray_train", "steady_rate", "parse_ray_config"]
-
-
-if __name__ == "__main__":
-    module_main(_plain_main)
