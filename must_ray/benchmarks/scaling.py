@@ -3,9 +3,11 @@
 (steady images/s).
 
 Both runs are the real labelling job (``must_ray.labeling.run_labeling``) on the same world PNG
-files with the same teachers and the same per-actor settings; only ``label.actors`` differs. Each
-actor gets one torch thread (``label.torch_threads=1``) and ``cpus_per_actor`` logical CPUs; the
-decode tasks reserve ``decode_cpus`` each. On a node with C cores the default is
+files with the same teachers and the same per-actor settings; only ``label.actors`` differs. Each actor is one
+core's worth of work: one torch thread (``label.torch_threads=1``) and PNG encoding inline in that
+thread (``label.encode_threads=0``; the job's default encode thread overlaps encoding with the
+teachers, so a lone actor would use ~1.1 cores and the 1-actor baseline would not be one core),
+with ``cpus_per_actor`` logical CPUs; the decode tasks reserve ``decode_cpus`` each. On a node with C cores the default is
 ``cpus_per_actor = min(1, (C - decode_cpus) / max_actors)``, so the largest pool still leaves room
 for a decode task (an actor pool that holds every CPU starves the decode tasks and stalls).
 
@@ -92,7 +94,7 @@ def benchmark_scaling(cfg: Config, num: int = DEFAULT_NUM, actors: Sequence[int]
                           f"{cores} CPUs of the Ray cluster (lower --cpus-per-actor or --decode-cpus)")
     cfg, kinds = usable_teachers(cfg)
     cfg = with_overrides(cfg, label={"num_cpus_per_actor": per_actor, "decode_num_cpus": decode_cpus,
-                                     "torch_threads": 1})
+                                     "torch_threads": 1, "encode_threads": 0})
     load_before = os.getloadavg()[0]
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="must-ray-bench-scaling-")
@@ -117,6 +119,7 @@ def benchmark_scaling(cfg: Config, num: int = DEFAULT_NUM, actors: Sequence[int]
         return {
             "benchmark": "scaling", "images": num, "cores": cores, "teachers": kinds, "repeats": repeats,
             "actors": sizes, "cpus_per_actor": per_actor, "decode_num_cpus": decode_cpus, "torch_threads": 1,
+            "encode_threads": 0,
             "shard_size": cfg.label.shard_size, "batch_size": cfg.label.batch_size,
             "steady_images_per_s": steady, "images_per_s": e2e, "actor_cpu_ms_per_image": cpu_ms,
             "speedup": speedup, "speedup_end_to_end": round(e2e[hi] / e2e[lo], 3),
