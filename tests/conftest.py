@@ -57,7 +57,7 @@ def _kill_session_leftovers(session_dir: str | None, grace_s: float = 10.0) -> N
     """After ``ray.shutdown()``, kill the processes of *this* session that did not exit.
 
     Seen in Ray 2.60: a Ray Train ``TrainController`` actor whose core worker had shut down hung at
-    interpreter exit, orphaned, holding ~1 GiB, after the suite ended. Only processes with files in
+    interpreter exit and outlived the suite, orphaned, holding ~1 GiB. Only processes with files in
     this session's own directory are touched (never ``ray stop``, which would kill every Ray process
     on the machine)."""
     if not session_dir or not os.path.isdir("/proc"):

@@ -3,11 +3,12 @@
 (steady images/s).
 
 Both runs are the real labelling job (``must_ray.labeling.run_labeling``) on the same world PNG
-files with the same teachers and the same per-actor settings; only ``label.actors`` differs. Each actor is one
-core's worth of work: one torch thread (``label.torch_threads=1``) and PNG encoding inline in that
-thread (``label.encode_threads=0``; the job's default encode thread overlaps encoding with the
-teachers, so a lone actor would use ~1.1 cores and the 1-actor baseline would not be one core),
-with ``cpus_per_actor`` logical CPUs; the decode tasks reserve ``decode_cpus`` each. On a node with C cores the default is
+files with the same teachers and the same per-actor settings; only ``label.actors`` differs.
+Each actor is one core's worth of work: one torch thread (``label.torch_threads=1``) and PNG
+encoding inline in that thread (``label.encode_threads=0``; the job's default encode thread
+overlaps encoding with the teachers, so a lone actor would use ~1.1 cores and the 1-actor baseline
+would not be one core), with ``cpus_per_actor`` logical CPUs; the decode tasks reserve
+``decode_cpus`` each. On a node with C cores the default is
 ``cpus_per_actor = min(1, (C - decode_cpus) / max_actors)``, so the largest pool still leaves room
 for a decode task (an actor pool that holds every CPU starves the decode tasks and stalls).
 
