@@ -38,42 +38,28 @@ def _session_dir(ray) -> str | None:
         return None
 
 
-def _session_pids(session_dir: str) -> list[int]:
-    """Pids of live processes (other than this one) holding a file under ``session_dir``."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            fds = os.listdir(f"/proc/{entry}/fd")
-            if any(os.readlink(f"/proc/{entry}/fd/{fd}").startswith(session_dir) for fd in fds):
-                pids.append(int(entry))
-        except OSError:  # gone, or not ours to read
-            continue
-    return pids
-
-
 def _kill_session_leftovers(session_dir: str | None, grace_s: float = 10.0) -> None:
     """After ``ray.shutdown()``, kill the processes of *this* session that did not exit.
 
     Seen in Ray 2.60: a Ray Train ``TrainController`` actor whose core worker had shut down hung at
-    interpreter exit and outlived the suite, orphaned, holding ~1 GiB. Only processes with files in
-    this session's own directory are touched (never ``ray stop``, which would kill every Ray process
-    on the machine)."""
-    if not session_dir or not os.path.isdir("/proc"):
+    interpreter exit and outlived the suite, orphaned, holding ~1 GiB. Only processes with files
+    open in this session's own directory are touched (never ``ray stop``, which would kill every
+    Ray process on the machine)."""
+    if not session_dir:
         return
-    import signal
-    import time
+    from tests.ray_head import kill_stragglers  # imports ray first, which provides psutil
 
-    deadline = time.time() + grace_s
-    while (pids := _session_pids(session_dir)) and time.time() < deadline:
-        time.sleep(0.5)
-    for pid in pids:
+    import psutil
+
+    leftovers = []
+    for p in psutil.process_iter():
         try:
-            os.kill(pid, signal.SIGKILL)
-            print(f"\n[conftest] killed pid {pid}, left over from this test session's Ray", file=sys.stderr)
-        except OSError:
-            pass
+            if p.pid != os.getpid() and any(f.path.startswith(session_dir) for f in p.open_files()):
+                leftovers.append(p)
+        except psutil.Error:  # gone, or not ours to read
+            continue
+    for pid in kill_stragglers(leftovers, grace_s):
+        print(f"\n[conftest] killed pid {pid}, left over from this test session's Ray", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")

@@ -157,8 +157,6 @@ class LocalHead:
 
     def stop(self, grace_s: float = 20.0) -> list[int]:
         """Stop this head and everything it started; returns pids that had to be SIGKILLed."""
-        import psutil
-
         before = self.processes()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # ray start --block: Ray drains and kills its processes
@@ -166,21 +164,29 @@ class LocalHead:
                 self.proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 pass
-        left = [p for p in before + self.processes() if p.is_running()]
-        _, alive = psutil.wait_procs(left, timeout=3)
-        killed = []
-        for p in alive:
-            try:
-                p.kill()
-                killed.append(p.pid)
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        killed = kill_stragglers([p for p in before + self.processes() if p.is_running()], grace_s=3)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return killed
+
+
+def kill_stragglers(procs: list, grace_s: float) -> list[int]:
+    """Give psutil ``procs`` ``grace_s`` seconds to exit, SIGKILL the ones still running; returns
+    the pids that had to be killed."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    killed = []
+    for p in alive:
+        try:
+            p.kill()
+            killed.append(p.pid)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return killed
 
 
 def start_head(num_cpus: int = 2, object_store_mb: int = 256, extra_env: Optional[dict[str, str]] = None,
