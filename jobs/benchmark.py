@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scaling", parents=[common], help="labelling throughput, 1 vs 2 teacher actors",
                        description="The labelling job on the same images with each actor-pool size (same per-actor "
-                                   "CPUs, 1 torch thread per actor); steady images/s and the speedup.")
+                                   "CPUs, 1 torch thread per actor, label PNGs encoded in that thread); steady "
+                                   "images/s and the speedup.")
     p.add_argument("--num", type=_int(1), default=scaling.DEFAULT_NUM, help=f"images (default {scaling.DEFAULT_NUM})")
     p.add_argument("--actors", type=_int(1), action="append", help="pool sizes, repeatable (default 1 and 2)")
     p.add_argument("--cpus-per-actor", type=_positive_float,

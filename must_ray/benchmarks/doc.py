@@ -82,8 +82,8 @@ def _scaling(r: dict) -> list[str]:
                                                           r.get("actor_cpu_ms_per_image", {}).items()),
             f"machine capacity for {r['actors'][-1]} single-thread workers (matmul probe, before / after): "
             f"{r['capacity_before_after']} -> speedup / capacity = {r['efficiency']}",
-            f"{r['cpus_per_actor']} CPUs and 1 torch thread per actor, decode tasks {r['decode_num_cpus']} CPUs, "
-            f"{r['images']} images, {r['repeats']} rounds"]
+            f"{r['cpus_per_actor']} CPUs and 1 torch thread per actor (encoding inline), decode tasks "
+            f"{r['decode_num_cpus']} CPUs, {r['images']} images, {r['repeats']} rounds"]
 
 
 DETAILS: dict[str, Callable[[dict], list[str]]] = {"label": _label, "train": _train, "loader": _loader,
