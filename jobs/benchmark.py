@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
-from must_ray.config import ConfigError  # noqa: E402
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job
+from must_ray.config import ConfigError
 
 NAMES = ("label", "train", "loader", "flops", "memory", "scaling")
 # `all --smoke`: every benchmark at a tiny size (a correctness run for CI, not a measurement)
@@ -67,7 +67,7 @@ def _positive_float(text: str) -> float:
 
 
 def _ray_config(text: str) -> str:
-    from must_ray.benchmarks.train import parse_ray_config
+    from benchmarks.train import parse_ray_config
 
     try:
         parse_ray_config(text)
@@ -93,16 +93,16 @@ def _workdir(p: argparse.ArgumentParser) -> None:
 
 
 def bench_label(args, cfg) -> dict:
-    """``label``: the labelling benchmark (must_ray.benchmarks.label) with the parsed flags."""
-    from must_ray.benchmarks.label import benchmark_label
+    """``label``: the labelling benchmark (benchmarks.label) with the parsed flags."""
+    from benchmarks.label import benchmark_label
 
     init_ray(cfg)
     return benchmark_label(cfg, num_images=args.num, workdir=args.workdir, threads=args.threads, repeats=args.repeats)
 
 
 def bench_train(args, cfg) -> dict:
-    """``train``: the training benchmark (must_ray.benchmarks.train) with the parsed flags."""
-    from must_ray.benchmarks.train import benchmark_train
+    """``train``: the training benchmark (benchmarks.train) with the parsed flags."""
+    from benchmarks.train import benchmark_train
 
     init_ray(cfg)
     return benchmark_train(cfg, warmup_steps=args.warmup, steps=args.steps, rows=args.rows, ray_configs=args.ray,
@@ -111,8 +111,8 @@ def bench_train(args, cfg) -> dict:
 
 
 def bench_loader(args, cfg) -> dict:
-    """``loader``: the input-pipeline benchmark (must_ray.benchmarks.loader) with the parsed flags."""
-    from must_ray.benchmarks.loader import benchmark_loader
+    """``loader``: the input-pipeline benchmark (benchmarks.loader) with the parsed flags."""
+    from benchmarks.loader import benchmark_loader
 
     init_ray(cfg)
     return benchmark_loader(cfg, rows=args.rows, epochs=args.epochs, warmup_batches=args.warmup, steps=args.steps,
@@ -120,8 +120,8 @@ def bench_loader(args, cfg) -> dict:
 
 
 def bench_flops(args, cfg) -> dict:
-    """``flops``: the FLOP-utilisation benchmark (must_ray.benchmarks.flops; no Ray needed) with the parsed flags."""
-    from must_ray.benchmarks.flops import DEFAULT_STUDENT_BATCHES, DEFAULT_TEACHER_BATCHES, benchmark_flops
+    """``flops``: the FLOP-utilisation benchmark (benchmarks.flops; no Ray needed) with the parsed flags."""
+    from benchmarks.flops import DEFAULT_STUDENT_BATCHES, DEFAULT_TEACHER_BATCHES, benchmark_flops
 
     return benchmark_flops(cfg, matmul_size=args.matmul_size, reps=args.reps,
                            teacher_batches=args.teacher_batch or DEFAULT_TEACHER_BATCHES,
@@ -130,16 +130,16 @@ def bench_flops(args, cfg) -> dict:
 
 
 def bench_memory(args, cfg) -> dict:
-    """``memory``: the actor-memory benchmark (must_ray.benchmarks.memory) with the parsed flags."""
-    from must_ray.benchmarks.memory import benchmark_memory
+    """``memory``: the actor-memory benchmark (benchmarks.memory) with the parsed flags."""
+    from benchmarks.memory import benchmark_memory
 
     init_ray(cfg)
     return benchmark_memory(cfg, num=args.num, workdir=args.workdir)
 
 
 def bench_scaling(args, cfg) -> dict:
-    """``scaling``: the actor-scaling benchmark (must_ray.benchmarks.scaling) with the parsed flags."""
-    from must_ray.benchmarks.scaling import benchmark_scaling
+    """``scaling``: the actor-scaling benchmark (benchmarks.scaling) with the parsed flags."""
+    from benchmarks.scaling import benchmark_scaling
 
     init_ray(cfg)
     return benchmark_scaling(cfg, num=args.num, actors=args.actors or (1, 2), cpus_per_actor=args.cpus_per_actor,
@@ -150,8 +150,8 @@ def bench_scaling(args, cfg) -> dict:
 def bench_all(args, cfg, parser) -> dict:
     """Every benchmark with its default flags (``--smoke``: tiny ones); ``--write`` the doc. A
     benchmark that fails is recorded as an error and the others still run."""
-    from must_ray.benchmarks import doc
-    from must_ray.benchmarks.common import machine_info
+    from benchmarks import doc
+    from benchmarks.common import machine_info
 
     init_ray(cfg)
     machine = machine_info()
@@ -180,7 +180,7 @@ def bench_all(args, cfg, parser) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The job's parser: one subcommand per benchmark, each with its size flags and defaults."""
-    from must_ray.benchmarks import flops, loader, memory, scaling, train
+    from benchmarks import flops, loader, memory, scaling, train
 
     lines = __doc__.splitlines()
     parser = job_parser(lines[0], "\n".join(lines[2:]))
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=bench_label)
 
     p = sub.add_parser("train", parents=[common], help="student training: Ray Train vs plain PyTorch loop, steps/s",
-                       description="Steady-state student steps/s and images/s: Ray Train (must_ray.training.train) "
+                       description="Steady-state student steps/s and images/s: Ray Train (must_ray.train.driver.train) "
                                    "vs a plain PyTorch loop running the trainer's own step on the same table. "
                                    "Model, batch and optimiser: the config's student section.")
     p.add_argument("--warmup", type=_int(1), default=train.DEFAULT_WARMUP,

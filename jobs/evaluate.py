@@ -13,19 +13,15 @@ teacher's (higher is better) or <= 1.02x (lower is better; evaluate.tolerance). 
 (strict JSON), metrics.md, grid.png and curves.png into --out (default <paths.root>/<paths.reports>).
 """
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
-from must_ray.config import ConfigError  # noqa: E402
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job
+from must_ray.config import ConfigError
 
 
 def main() -> dict:
     lines = __doc__.splitlines()
     parser = job_parser(lines[0], "\n".join(lines[2:]))
-    from must_ray.evaluation import add_model_flags
+    from must_ray.evaluate.run import add_model_flags
 
     add_model_flags(parser)
     parser.add_argument("--data", action="append", metavar="TABLE",
@@ -36,7 +32,7 @@ def main() -> dict:
     args = parser.parse_args()
     cfg = load_job_config(args, ["evaluate.use_ray=false"] if args.no_ray else [])
 
-    from must_ray.evaluation import models_from_flags, run_evaluation
+    from must_ray.evaluate.run import models_from_flags, run_evaluation
 
     student, teachers, models = models_from_flags(cfg, args)
     data = args.data or cfg.evaluate.data or [os.path.join(cfg.paths.resolve("world"), "test")]

@@ -14,15 +14,12 @@ Examples:
   python jobs/export_labels.py --table tables/kitti_pseudo --format depth --depth-scale 1/256 --out exports/kitti
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job
 
 
 def main() -> dict:
-    from must_ray.importers.common import parse_scale
+    from must_ray.datasets.importers.common import parse_scale
 
     lines = __doc__.splitlines()
     parser = job_parser(lines[0], "\n".join(lines[2:]))
@@ -42,9 +39,9 @@ def main() -> dict:
     args = parser.parse_args()
     cfg = load_job_config(args)
 
-    from must_ray.exporters import export_labels
-    from must_ray.importers import DatasetError
-    from must_ray.importers.common import check_shared_locations
+    from must_ray.datasets.exporters import export_labels
+    from must_ray.datasets.importers import DatasetError
+    from must_ray.datasets.importers.common import check_shared_locations
 
     try:
         needs_ray = any(f in ("masks", "depth", "normals", "all") for f in args.format)

@@ -18,16 +18,13 @@ go to <out>_quarantine with a reason; dataset-level inconsistencies (unknown cat
 for an image that is not listed) stop the job with an error naming the file (exit code 1).
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job
 
 
 def main() -> dict:
-    from must_ray.importers import FORMATS
-    from must_ray.importers.common import parse_scale
+    from must_ray.datasets.importers import FORMATS
+    from must_ray.datasets.importers.common import parse_scale
 
     lines = __doc__.splitlines()
     parser = job_parser(lines[0], "\n".join(lines[2:]))
@@ -56,8 +53,8 @@ def main() -> dict:
     args = parser.parse_args()
     cfg = load_job_config(args)
 
-    from must_ray.importers import DatasetError, prepare_import, run_import
-    from must_ray.importers.common import check_shared_locations
+    from must_ray.datasets.importers import DatasetError, prepare_import, run_import
+    from must_ray.datasets.importers.common import check_shared_locations
 
     try:
         # read the dataset's index first: dataset-level errors fail before Ray starts

@@ -13,12 +13,9 @@ change one with --set label.teachers.<task>.kind=random|checkpoint|timm|... (doc
 Rerunning the same command resumes: committed shards are kept, the rest is labelled. Bad images go
 to <output>_quarantine with a reason.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job
 
 
 def main() -> dict:
@@ -36,7 +33,7 @@ def main() -> dict:
         extra.append(f"label.output={_yaml_str(args.output)}")
     cfg = load_job_config(args, extra)
 
-    from must_ray.labeling import LabelRun, run_labeling
+    from must_ray.label.run import LabelRun, run_labeling
 
     run = LabelRun(cfg)  # fail fast (missing teacher, bad input) before starting Ray
     init_ray(cfg)

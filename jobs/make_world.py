@@ -8,10 +8,8 @@ Examples:
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
-from must_ray.config import ConfigError  # noqa: E402
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job
+from must_ray.config import ConfigError
 
 
 def main() -> dict:

@@ -8,12 +8,9 @@ Examples:
 Steps whose outputs exist (and whose inputs did not change) are skipped, so rerunning a crashed
 pipeline resumes it; deleting a step's output redoes that step and the steps that read it.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job
 
 
 def main() -> dict:

@@ -9,15 +9,12 @@ a row without a task's label masks that task's loss for the row. Re-submitting w
 --run-name (and storage) resumes that run from its last checkpoint.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job
 
 
 def main() -> dict:
-    from must_ray.training import add_train_flags, train, train_flag_overrides
+    from must_ray.train.driver import add_train_flags, train, train_flag_overrides
 
     parser = job_parser(__doc__.splitlines()[0], "\n".join(__doc__.splitlines()[2:]))
     add_train_flags(parser)

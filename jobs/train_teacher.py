@@ -9,14 +9,12 @@ Re-submitting with the same --run-name (and storage) resumes that run from its l
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job
 
 
 def main() -> dict:
     from must_ray.tasks import registered_task_names
-    from must_ray.training import add_train_flags, train, train_flag_overrides
+    from must_ray.train.driver import add_train_flags, train, train_flag_overrides
 
     parser = job_parser(__doc__.splitlines()[0], "\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--task", required=True, choices=registered_task_names(), help="the teacher's task")

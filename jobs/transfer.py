@@ -11,19 +11,16 @@ Each backbone is frozen; its features are extracted once for the transfer train 
 train split and scored on the test split. Writes transfer.json (strict JSON) and transfer.md into
 --out (default <paths.root>/<paths.reports>).
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job  # noqa: E402
-from must_ray.config import ConfigError  # noqa: E402
+from must_ray.cli import init_ray, job_parser, load_job_config, run_job
+from must_ray.config import ConfigError
 
 
 def main() -> dict:
     lines = __doc__.splitlines()
     parser = job_parser(lines[0], "\n".join(lines[2:]))
-    from must_ray.evaluation import add_model_flags
+    from must_ray.evaluate.run import add_model_flags
 
     add_model_flags(parser)
     parser.add_argument("--train", metavar="TABLE", help="probe-fitting table (default: transfer.train_data or the world split)")
@@ -34,8 +31,8 @@ def main() -> dict:
         raise ConfigError("--train and --test go together")
     cfg = load_job_config(args)
 
-    from must_ray.evaluation import models_from_flags, teacher_name
-    from must_ray.transfer import run_transfer, write_transfer
+    from must_ray.evaluate.run import models_from_flags, teacher_name
+    from must_ray.evaluate.transfer import run_transfer, write_transfer
 
     student, teachers, models = models_from_flags(cfg, args)
     backbones = {"student": student} if student else {}
@@ -44,7 +41,7 @@ def main() -> dict:
     init_ray(cfg)  # the world's transfer splits are rendered with Ray Data
     result = run_transfer(cfg, backbones, args.train, args.test)
     files = write_transfer(args.out or cfg.paths.resolve("reports"), result)
-    from must_ray.evaluation import strict_json
+    from must_ray.io import strict_json
 
     return {"job": "transfer", **files, "tasks": result["tasks"], "best": result["best"],
             "table": {r["backbone"]: strict_json(r["values"]) for r in result["rows"]}}

@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+
 class ConfigError(ValueError):
     """A configuration problem; the message always names the offending dotted key."""
 
@@ -341,7 +342,7 @@ class LabelConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation (``jobs/evaluate.py``, ``must_ray.evaluation``) and the report pictures."""
+    """Evaluation (``jobs/evaluate.py``, ``must_ray.evaluate.scoring``) and the report pictures."""
 
     data: list[str] = field(default_factory=list)  # examples tables; [] = <paths.root>/<paths.world>/test
     tasks: list[str] = field(default_factory=list)  # [] = every task the model has a head and the data labels for
@@ -377,7 +378,7 @@ class EvalConfig:
 
 @dataclass
 class TransferConfig:
-    """Transfer evaluation (``must_ray.transfer``): frozen backbones, light probes fitted on a small
+    """Transfer evaluation (``must_ray.evaluate.transfer``): frozen backbones, light probes fitted on a small
     labelled split of a domain no model trained on, scored on a held-out split of it."""
 
     domain: Literal["default", "dim", "bright", "cluttered"] = "cluttered"

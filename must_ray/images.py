@@ -84,3 +84,42 @@ def resize_rgb(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     if image.shape[:2] == (h, w):
         return image
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
+    """PNG bytes of a uint8 (H, W) / (H, W, 3) array or a uint16 (H, W) array (16-bit grey).
+    Level 1 compression: labels are written once and read many times, speed beats size."""
+    array = np.ascontiguousarray(array)
+    if array.dtype == np.uint16:
+        if array.ndim != 2:
+            raise ValueError(f"uint16 PNG must be (H, W), got {array.shape}")
+        img = Image.fromarray(array)  # mode I;16
+    elif array.dtype == np.uint8:
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+            raise ValueError(f"uint8 PNG must be (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+        img = Image.fromarray(array)
+    else:
+        raise ValueError(f"PNG encoding needs uint8 or uint16, got {array.dtype}")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes, dtype: type = np.uint8) -> np.ndarray:
+    """Inverse of :func:`encode_png` for label maps (no colour conversion)."""
+    with Image.open(io.BytesIO(data)) as img:
+        arr = np.asarray(img)
+    if arr.dtype != dtype:
+        if dtype == np.uint16 and arr.dtype in (np.int32, np.uint8):
+            arr = arr.astype(np.uint16)
+        else:
+            raise ValueError(f"PNG decodes to {arr.dtype}, expected {np.dtype(dtype).name}")
+    return arr
+
+
+def decode_image_rgb(data: bytes) -> np.ndarray:
+    """Decode an image cell to uint8 RGB (H, W, 3), whatever its mode."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return np.asarray(img)

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from must_ray.config import Config
-
-MODEL_FILE = "model.pt"
+from must_ray.io import MODEL_FILE, write_atomic
 
 
 @dataclass
@@ -39,7 +38,7 @@ class Step:
 
 def student_tasks(cfg: Config) -> list[str]:
     """Tasks of the run: the student's configured tasks, or every task that has a teacher."""
-    from must_ray.labeling import label_tasks
+    from must_ray.label.run import label_tasks
 
     return list(cfg.student.tasks or label_tasks(cfg))
 
@@ -78,7 +77,7 @@ def run_teachers(cfg: Config) -> dict[str, Any]:
     from concurrent.futures import ThreadPoolExecutor
 
     from must_ray.config import teacher_config
-    from must_ray.training import train
+    from must_ray.train.driver import train
 
     def one(task: str) -> tuple[str, dict[str, Any]]:
         if os.path.isfile(teacher_model_path(cfg, task)):
@@ -94,7 +93,7 @@ def run_teachers(cfg: Config) -> dict[str, Any]:
 
 def run_label(cfg: Config) -> dict[str, Any]:
     """Pseudo-label the unlabelled pool with every teacher (Ray Data actors -> Parquet)."""
-    from must_ray.labeling import run_labeling
+    from must_ray.label.run import run_labeling
 
     s = run_labeling(cfg)
     return {k: s.get(k) for k in ("output", "rows", "quarantined", "images_per_s", "wall_s")}
@@ -102,7 +101,7 @@ def run_label(cfg: Config) -> dict[str, Any]:
 
 def run_student(cfg: Config) -> dict[str, Any]:
     """Train the multi-task student on the pseudo labels (plus any configured real-label tables)."""
-    from must_ray.training import train
+    from must_ray.train.driver import train
 
     data = [cfg.paths.resolve("labels")] + list(cfg.student.data)
     # The Ray Train run is named after the labels it learns from: new pseudo labels start a fresh
@@ -117,7 +116,7 @@ def run_student(cfg: Config) -> dict[str, Any]:
 
 def run_evaluate(cfg: Config) -> dict[str, Any]:
     """Score student and teachers on the test split; comparison table and pictures."""
-    from must_ray.evaluation import run_evaluation
+    from must_ray.evaluate.run import run_evaluation
 
     teachers = {t: teacher_model_path(cfg, t) for t in student_tasks(cfg)}
     return run_evaluation(cfg, student=student_model_path(cfg), teachers=teachers,
@@ -126,7 +125,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
 
 def run_transfer_step(cfg: Config) -> dict[str, Any]:
     """Frozen-backbone probes on a shifted domain: student vs each teacher vs random init."""
-    from must_ray.transfer import run_transfer, write_transfer
+    from must_ray.evaluate.transfer import run_transfer, write_transfer
 
     backbones = {"student": student_model_path(cfg)}
     backbones.update({f"teacher_{t}": teacher_model_path(cfg, t) for t in student_tasks(cfg)})
@@ -190,12 +189,7 @@ def _read_marker(cfg: Config, name: str) -> Optional[dict]:
 
 
 def _write_marker(cfg: Config, name: str, payload: dict) -> None:
-    path = _marker_path(cfg, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    write_atomic(_marker_path(cfg, name), json.dumps(payload, indent=1, sort_keys=True, default=str))
 
 
 def step_is_current(cfg: Config, step: Step) -> bool:

@@ -47,9 +47,9 @@ def _kill_session_leftovers(session_dir: str | None, grace_s: float = 10.0) -> N
     Ray process on the machine)."""
     if not session_dir:
         return
-    from tests.ray_head import kill_stragglers  # imports ray first, which provides psutil
-
     import psutil
+
+    from tests.ray_head import kill_stragglers  # imports ray first, which provides psutil
 
     leftovers = []
     for p in psutil.process_iter():

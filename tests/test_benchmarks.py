@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from must_ray.benchmarks.doc import BEGIN, END
+from benchmarks.doc import BEGIN, END
 from tests.conftest import REPO
 
 # the label benchmark is exercised by tests/test_labeling.py::test_benchmark_label_smoke

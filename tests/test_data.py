@@ -1,4 +1,4 @@
-"""The training input pipeline (must_ray.data): tables -> Ray Data, and the collate that decodes,
+"""The training input pipeline (must_ray.train.collate): tables -> Ray Data, and the collate that decodes,
 augments consistently across tasks and stacks targets."""
 import numpy as np
 import pyarrow.parquet as pq
@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from must_ray.config import TaskConfig
-from must_ray.data import (TrainCollate, crop_image, read_tables, sample_crop, split_batch, table_classes,
-                           table_rows, table_tasks)
-from must_ray.schema import encode_png, rows_to_table
+from must_ray.images import encode_png
+from must_ray.table import rows_to_table, table_classes, table_rows, table_tasks
 from must_ray.tasks import build_tasks
 from must_ray.tasks.base import Crop
+from must_ray.train.collate import TrainCollate, crop_image, sample_crop, split_batch
+from must_ray.train.dataset import read_tables
 
 CLASSES = ["a", "b", "c"]
 ALL = ["classification", "detection", "segmentation", "depth", "normals"]

@@ -10,7 +10,6 @@ import pytest
 
 from must_ray.config import load_config
 from must_ray.pipeline import run_pipeline
-
 from tests.conftest import REPO
 
 TASKS = ["classification", "detection", "segmentation", "depth", "normals"]

@@ -14,11 +14,18 @@ import pytest
 import torch
 
 from must_ray.config import SplitConfig
-from must_ray.evaluation import (BatchScorer, compare, comparison_passed, compute_metrics, decode_column,
-                                 evaluate_model, evaluate_models, iter_table_batches, merge_states, passes,
-                                 score_batch, strict_json, write_metrics)
+from must_ray.evaluate.compare import compare, comparison_passed, passes, write_metrics
+from must_ray.evaluate.scoring import (
+    BatchScorer,
+    compute_metrics,
+    evaluate_model,
+    evaluate_models,
+    merge_states,
+    score_batch,
+)
+from must_ray.io import strict_json
 from must_ray.models import MultiTaskModel, images_to_tensor, save_model
-from must_ray.schema import examples_schema
+from must_ray.table import decode_column, examples_schema, iter_table_batches
 from must_ray.tasks import build_tasks, registered_task_names
 from must_ray.world import CATEGORIES, NUM_CATEGORIES
 from must_ray.world.splits import RenderBatch, split_provenance
@@ -212,7 +219,7 @@ def test_metrics_json_is_strict(tmp_path):
 
 
 def test_transfer_table_random_vs_pretrained_backbone(demo_config, tmp_path):
-    from must_ray.transfer import beats_all, transfer_evaluate, transfer_markdown, write_transfer
+    from must_ray.evaluate.transfer import beats_all, transfer_evaluate, transfer_markdown, write_transfer
 
     probe_tasks = ["classification", "segmentation", "depth", "normals"]
     train = write_world_table(demo_config, tmp_path / "tr", "transfer_train", 32, probe_tasks, "cluttered", 700_000)
@@ -280,7 +287,7 @@ def test_evaluate_job_writes_reports(world_table, random_model, depth_model, tmp
 
 
 def test_transfer_verdict_student_against_every_teacher(tmp_path):
-    from must_ray.transfer import student_vs_teachers, transfer_markdown, write_transfer
+    from must_ray.evaluate.transfer import student_vs_teachers, transfer_markdown, write_transfer
 
     def row(name, top1, angle):
         return {"backbone": name, "values": {"classification": top1, "normals": angle}}

@@ -11,10 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from must_ray import schema as S
-from must_ray.exporters import depth_units, export_labels, file_stem
-from must_ray.importers import DatasetError
+from must_ray import table as S
+from must_ray.datasets.exporters import depth_units, export_labels, file_stem
+from must_ray.datasets.importers import DatasetError
+from must_ray.images import decode_png, encode_png
 from must_ray.tasks import build_tasks, registered_task_names
+from must_ray.tasks.normals import encode_normals
 from tests.test_importers import NAMES, H, W, world_truth
 
 TASKS = list(registered_task_names())
@@ -35,7 +37,7 @@ def write_multitask_table(path, truth, provenance=None) -> list[dict]:
             "depth": None if i == 1 else t["depth"],
             "normals": t["normals"],
         }
-        row = {"image_id": f"pool/scene {i}.png", "image": S.encode_png(t["image"]), "source": "test",
+        row = {"image_id": f"pool/scene {i}.png", "image": encode_png(t["image"]), "source": "test",
                "height": H, "width": W}
         for name, task in tasks.items():
             row.update(task.encode(labels[name]))
@@ -84,7 +86,7 @@ def test_export_all_formats_match_truth(ray_session, tmp_path):
                 units = np.asarray(img).astype(np.int64)
             assert np.abs(units - np.rint(t["depth"] / 0.001)).max() <= 1
         with Image.open(out / m["normals"]) as img:
-            assert np.array_equal(np.asarray(img), S.decode_png(S.encode_normals(t["normals"]), np.uint8))
+            assert np.array_equal(np.asarray(img), decode_png(encode_normals(t["normals"]), np.uint8))
 
     lines = list(csv.DictReader(open(out / "topk.csv")))
     assert len(lines) == 9 and list(lines[0]) == ["image_id", "rank", "class_id", "class_name", "prob"]
@@ -140,7 +142,7 @@ def test_file_stem_is_safe_and_injective():
 
 def test_depth_units_rescale_and_clip():
     raw = np.array([[0, 1000, 65535]], np.uint16)
-    png = S.encode_png(raw)
+    png = encode_png(raw)
     same, clipped = depth_units(png, float(np.float32(0.001)), 0.001)
     assert np.array_equal(same, raw) and clipped == 0  # float32 row scale == 0.001: exact copy
     kitti, clipped = depth_units(png, 0.001, 1 / 256)

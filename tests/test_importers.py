@@ -15,9 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from must_ray import schema as S
-from must_ray.importers import DatasetError, import_dataset, plan_import
+from must_ray import table as S
+from must_ray.datasets.importers import DatasetError, import_dataset, plan_import
+from must_ray.images import decode_png
 from must_ray.tasks import build_task
+from must_ray.tasks.normals import decode_normals, encode_normals
 from tests.conftest import REPO
 
 H, W = 40, 56  # non-square, so a swapped width/height cannot pass
@@ -128,7 +130,7 @@ def coco_import(ray_session, truth, tmp_path_factory):
 
 
 def test_coco_import_export_round_trip_with_quarantine(coco_import, truth):
-    from must_ray.exporters import export_labels
+    from must_ray.datasets.exporters import export_labels
     from must_ray.tasks.detection import make_label
 
     tmp_path, out, summary, real_anns = (coco_import[k] for k in ("root", "out", "summary", "real_anns"))
@@ -217,7 +219,7 @@ def test_coco_dataset_errors_name_the_file(tmp_path, truth):
 
 
 def palette_mask(arr: np.ndarray) -> Image.Image:
-    from must_ray.importers.voc import voc_palette
+    from must_ray.datasets.importers.voc import voc_palette
 
     img = Image.fromarray(arr)
     img.putpalette(voc_palette().reshape(-1).tolist())
@@ -237,7 +239,7 @@ def write_voc(root, truth) -> tuple[dict[str, np.ndarray], str]:
         os.makedirs(os.path.join(root, "SegmentationClass"), exist_ok=True)
         dest = os.path.join(root, "SegmentationClass", key + ".png")
         if i == 1:  # an RGB-painted mask (VOC colours) instead of a palette PNG
-            from must_ray.importers.voc import voc_palette
+            from must_ray.datasets.importers.voc import voc_palette
 
             Image.fromarray(voc_palette()[mask]).save(dest)
         else:
@@ -262,7 +264,7 @@ def write_voc(root, truth) -> tuple[dict[str, np.ndarray], str]:
 
 
 def test_voc_import_export_masks_exact(ray_session, truth, tmp_path):
-    from must_ray.exporters import export_labels
+    from must_ray.datasets.exporters import export_labels
 
     masks, split = write_voc(tmp_path, truth)
     out = str(tmp_path / "table")
@@ -312,7 +314,7 @@ def test_voc_without_split_pairs_by_name_and_counts_unlabelled(tmp_path, truth):
 
 def test_depth_nyu_exact_and_kitti_within_one_unit(ray_session, truth, tmp_path):
     from must_ray.config import TaskConfig
-    from must_ray.exporters import export_labels
+    from must_ray.datasets.exporters import export_labels
 
     nyu, kitti = {}, {}
     for i, t in enumerate(truth):
@@ -340,7 +342,7 @@ def test_depth_nyu_exact_and_kitti_within_one_unit(ray_session, truth, tmp_path)
     assert prov["source_depth_scale"] == 0.001
     for row in rows:
         assert row["depth_scale"] == pytest.approx(0.001, rel=1e-6)
-        assert np.array_equal(S.decode_png(row["depth_png"], np.uint16), nyu[row["image_id"][:-4]])  # exact
+        assert np.array_equal(decode_png(row["depth_png"], np.uint16), nyu[row["image_id"][:-4]])  # exact
 
     kitti_out = str(tmp_path / "kitti_table")
     s2 = import_dataset("depth", kitti_out, task_cfgs=cfgs, images=str(tmp_path / "rgb"),
@@ -364,14 +366,14 @@ def test_depth_nyu_exact_and_kitti_within_one_unit(ray_session, truth, tmp_path)
 
 
 def test_normals_opencv_convention_round_trip(ray_session, truth, tmp_path):
-    from must_ray.exporters import export_labels
-    from must_ray.importers.normals import convert_rgb
+    from must_ray.datasets.exporters import export_labels
+    from must_ray.datasets.importers.normals import convert_rgb
 
     ours = {}
     for i, t in enumerate(truth):
         key = f"n{i}"
         save_image(str(tmp_path / "img" / f"{key}.png"), t["image"])
-        rgb = S.decode_png(S.encode_normals(t["normals"]), np.uint8)
+        rgb = decode_png(encode_normals(t["normals"]), np.uint8)
         ours[key] = rgb
         opencv = rgb.copy()
         opencv[..., 1:] = 255 - opencv[..., 1:]  # y down, z forward
@@ -383,8 +385,8 @@ def test_normals_opencv_convention_round_trip(ray_session, truth, tmp_path):
     rows, _ = read_table(out)
     for row in rows:
         key = row["image_id"][:-4]
-        assert np.array_equal(S.decode_png(row["normals_png"], np.uint8), ours[key])  # exact, in our frame
-        n = S.decode_normals(row["normals_png"])
+        assert np.array_equal(decode_png(row["normals_png"], np.uint8), ours[key])  # exact, in our frame
+        n = decode_normals(row["normals_png"])
         valid = np.linalg.norm(truth[int(key[1:])]["normals"], axis=-1) > 0.5
         assert (n[valid] * truth[int(key[1:])]["normals"][valid]).sum(-1).min() > np.cos(np.radians(1))
 
@@ -523,7 +525,7 @@ def test_teacher_trains_on_imported_coco(coco_import, tmp_path):
     the COCO class names (in our contiguous id order) from the table's provenance."""
     from must_ray.config import load_config
     from must_ray.models.export import load_model
-    from must_ray.training import train
+    from must_ray.train.driver import train
 
     cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml", [
         f"paths.root={tmp_path}", f"teacher.storage_path={tmp_path / 'ray_results'}", "teacher.max_steps=2",
@@ -541,7 +543,7 @@ def test_teacher_trains_on_imported_coco(coco_import, tmp_path):
 def test_multi_node_cluster_needs_shared_locations(ray_session, monkeypatch):
     """Tasks on every node read the images and write the table: node-local paths are refused."""
     from must_ray.config import ConfigError
-    from must_ray.importers.common import check_shared_locations
+    from must_ray.datasets.importers.common import check_shared_locations
 
     monkeypatch.delenv("MUST_RAY_ALLOW_LOCAL_PATHS", raising=False)
     check_shared_locations([("--out", "/tmp/x")])  # one node: anything goes

@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 
-from must_ray.schema import validate_table
+from must_ray.table import validate_table
 from must_ray.tasks import registered_task_names
 from tests.conftest import REPO
 from tests.ray_head import RAY_BIN, MetricsWatcher
@@ -282,7 +282,7 @@ def test_job_config_checks_the_outputs_the_job_writes(monkeypatch):
         load_job_config(parser.parse_args(["--out", "/abs/t", "--image-dir", "png"]))
     # the trainers' checkpoint storage defaults to <paths.root>/ray_results, --out or not
     from must_ray.config import load_config
-    from must_ray.training import default_storage_path
+    from must_ray.train.driver import default_storage_path
 
     cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml")
     with pytest.raises(ConfigError, match="paths.root='out/demo'"):

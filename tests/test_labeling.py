@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from must_ray.config import ConfigError, load_config
-from must_ray.images import decode_image, resize_rgb
-from must_ray.labeling import LabelRun, run_labeling
-from must_ray.labeling_inputs import list_inputs, plan_table, prepare_shard, resolve_input, shard_descriptors
+from must_ray.images import decode_image, decode_image_rgb, resize_rgb
+from must_ray.label.inputs import list_inputs, plan_table, prepare_shard, resolve_input, shard_descriptors
+from must_ray.label.run import LabelRun, run_labeling
 from must_ray.models import MultiTaskModel, file_sha256, images_to_tensor, load_model, save_model
-from must_ray.schema import decode_image_rgb, read_provenance, validate_table
+from must_ray.table import read_provenance, validate_table
 from must_ray.tasks import build_tasks, registered_task_names
 from must_ray.world import CATEGORIES
 from tests.conftest import REPO
@@ -267,7 +267,7 @@ def test_world_split_on_the_fly_matches_its_files(world_files, tmp_path, demo_co
     listing = list_inputs(cfg, inp)
     plan = plan_table(listing, 10)
     assert plan.column("shard").to_pylist() == [0] * 10 + [1] * 10 + [2] * 4
-    from must_ray.labeling_inputs import make_prepare_context
+    from must_ray.label.inputs import make_prepare_context
 
     prep = prepare_shard(shard_descriptors(plan, [2])[0], make_prepare_context(cfg, inp, 64))
     src = pq.read_table(world_files / "table").slice(20, 4)
@@ -348,7 +348,7 @@ def test_listing_globs_uris_and_ids(world_files, tmp_path):
 
 def test_benchmark_label_smoke(ray_session, demo_config, tmp_path):
     """jobs/benchmark.py label's function: both sides label the same images; ratios reported."""
-    from must_ray.benchmarks.label import benchmark_label
+    from benchmarks.label import benchmark_label
 
     cfg = _cfg(tmp_path, "label.shard_size=8")  # no teacher files under paths.root: random teachers
     result = benchmark_label(cfg, num_images=16, workdir=str(tmp_path / "bench"), threads=[1], repeats=1)

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 
-from must_ray.schema import decode_image_rgb, decode_labels, read_provenance, validate_table
+from must_ray.images import decode_image_rgb
+from must_ray.table import decode_labels, read_provenance, validate_table
 from must_ray.tasks import registered_task_names
 from tests.conftest import REPO
 

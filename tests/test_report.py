@@ -6,8 +6,19 @@ import json
 import numpy as np
 from PIL import Image
 
-from must_ray.report import (SEG_PALETTE, box_rect, class_colour, colorize_depth, colorize_normals,
-                             colorize_segmentation, grid_columns, nice_ticks, plot_curves, read_curves, render_grid)
+from must_ray.evaluate.pictures import (
+    SEG_PALETTE,
+    box_rect,
+    class_colour,
+    colorize_depth,
+    colorize_normals,
+    colorize_segmentation,
+    grid_columns,
+    nice_ticks,
+    plot_curves,
+    read_curves,
+    render_grid,
+)
 from must_ray.world import CATEGORIES, render_scenes
 
 

@@ -4,18 +4,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from must_ray import schema as S
+from must_ray import table as S
+from must_ray.images import decode_png, encode_png
 from must_ray.tasks import registered_task_names
+from must_ray.tasks.depth import decode_depth, encode_depth
+from must_ray.tasks.normals import decode_normals, encode_normals
 
 
 def test_png_codecs_exact():
     rng = np.random.default_rng(0)
     for arr in (rng.integers(0, 256, (9, 7), dtype=np.uint8), rng.integers(0, 256, (9, 7, 3), dtype=np.uint8),
                 rng.integers(0, 65536, (9, 7), dtype=np.uint16)):
-        out = S.decode_png(S.encode_png(arr), arr.dtype.type)
+        out = decode_png(encode_png(arr), arr.dtype.type)
         assert out.dtype == arr.dtype and np.array_equal(out, arr)
     with pytest.raises(ValueError, match="uint8 or uint16"):
-        S.encode_png(np.zeros((2, 2), np.float32))
+        encode_png(np.zeros((2, 2), np.float32))
 
 
 def test_depth_within_one_quantisation_step():
@@ -24,7 +27,7 @@ def test_depth_within_one_quantisation_step():
     depth = rng.uniform(0.3, 19.0, (16, 16)).astype(np.float32)
     depth[0, :4] = 0.0  # invalid stays invalid
     depth[1, 0] = 1e-5  # tiny but valid never becomes "invalid"
-    back = S.decode_depth(S.encode_depth(depth, scale), scale)
+    back = decode_depth(encode_depth(depth, scale), scale)
     valid = depth > 0
     assert np.all(back[~valid] == 0) and np.all(back[valid] > 0)
     assert np.abs(back[valid] - depth[valid]).max() <= scale + 1e-6
@@ -36,7 +39,7 @@ def test_normals_within_one_degree():
     n[..., 2] = np.abs(n[..., 2])
     n /= np.linalg.norm(n, axis=-1, keepdims=True)
     n[0, 0] = 0.0  # invalid pixel
-    back = S.decode_normals(S.encode_normals(n))
+    back = decode_normals(encode_normals(n))
     assert np.all(back[0, 0] == 0)
     cos = np.clip((back * n).sum(-1)[1:], -1, 1)
     assert np.degrees(np.arccos(cos)).max() < 1.0
@@ -45,7 +48,7 @@ def test_normals_within_one_degree():
 
 def _image_row(i: int) -> dict:
     img = np.full((8, 8, 3), i, np.uint8)
-    return {"image_id": f"img{i}", "image": S.encode_png(img), "source": "test", "height": 8, "width": 8}
+    return {"image_id": f"img{i}", "image": encode_png(img), "source": "test", "height": 8, "width": 8}
 
 
 def test_schema_has_base_and_every_task_column():

@@ -13,8 +13,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from must_ray import schema as S
+from must_ray import table as S
 from must_ray.config import TaskConfig
+from must_ray.images import encode_png
 from must_ray.tasks import build_task, get_task_class, registered_task_names
 from must_ray.tasks.base import Crop
 from must_ray.tasks.detection import average_precision, center_heatmap, center_targets
@@ -87,7 +88,7 @@ def feats(backbone):
 
 
 def _image_row(i: int) -> dict:
-    return {"image_id": f"img{i}", "image": S.encode_png(np.zeros((4, 4, 3), np.uint8)), "source": "test",
+    return {"image_id": f"img{i}", "image": encode_png(np.zeros((4, 4, 3), np.uint8)), "source": "test",
             "height": H, "width": W}
 
 

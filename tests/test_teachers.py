@@ -5,11 +5,18 @@ import pytest
 import torch
 
 from must_ray.config import ConfigError, TaskConfig, load_config
+from must_ray.label.teachers import (
+    TeacherSet,
+    TimmClassifierTeacher,
+    TorchvisionDetectorTeacher,
+    TorchvisionSegmenterTeacher,
+    _mapping,
+    default_teacher_path,
+    resolve_teachers,
+)
 from must_ray.models import MultiTaskModel, file_sha256, images_to_tensor, save_model
-from must_ray.schema import rows_to_table, validate_table
+from must_ray.table import rows_to_table, validate_table
 from must_ray.tasks import build_task, build_tasks
-from must_ray.teachers import (TeacherSet, TorchvisionDetectorTeacher, TorchvisionSegmenterTeacher,
-                               TimmClassifierTeacher, _mapping, default_teacher_path, resolve_teachers)
 from must_ray.world import CATEGORIES, render_scenes
 from tests.conftest import REPO
 
@@ -190,7 +197,7 @@ def test_timm_adapter_sums_mapped_mass_into_our_classes():
 
 
 def test_class_map_accepts_torchvision_category_names():
-    from must_ray.teachers import _model_class_names
+    from must_ray.label.teachers import _model_class_names
 
     names = _model_class_names("torchvision_detector", "fasterrcnn_mobilenet_v3_large_fpn", 91)
     assert names[1] == "person"

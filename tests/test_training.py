@@ -1,4 +1,4 @@
-"""The Ray Train loop (must_ray.training) end to end: real Ray (the session fixture, 2 CPUs), real
+"""The Ray Train loop (must_ray.train.driver) end to end: real Ray (the session fixture, 2 CPUs), real
 Parquet tables from the synthetic world, tiny models.
 
 (That every teacher, trained this way, beats its task's trivial baseline is asserted by the demo
@@ -25,9 +25,9 @@ import torch
 
 from must_ray.config import ConfigError, load_config
 from must_ray.models import MultiTaskModel, load_model, save_model
-from must_ray.schema import conform, examples_schema
+from must_ray.table import conform, examples_schema
 from must_ray.tasks import build_tasks
-from must_ray.training import CHECKPOINT_FORMAT, STATE_FILE, lr_factor, train
+from must_ray.train.driver import CHECKPOINT_FORMAT, STATE_FILE, lr_factor, train
 from must_ray.world import NUM_CATEGORIES
 from must_ray.world.splits import RenderBatch, split_provenance
 from tests.conftest import REPO

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from must_ray.config import TaskConfig, config_to_dict
+from must_ray.io import atomic_path
 from must_ray.models.multitask import MultiTaskModel
 from must_ray.tasks import build_task
 
@@ -37,10 +38,8 @@ def save_model(path: str, model: MultiTaskModel, *, num_classes: int, task_cfgs:
         "extra": dict(extra or {}),
         "state_dict": state,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from must_ray.schema import decode_depth, encode_depth
+from must_ray.images import decode_png, encode_png
 from must_ray.tasks import register_task
 from must_ray.tasks._layers import DenseTask, as_bytes, is_null
 
@@ -133,3 +133,18 @@ class DepthTask(DenseTask):
                 total, count = total + float(v.sum()), count + v.size
         mean = total / count if count else 1.0
         return [None if g is None else np.full(np.asarray(g).shape[:2], mean, dtype=np.float32) for g in gts]
+
+
+def encode_depth(depth_m: np.ndarray, scale: float) -> bytes:
+    """Metric depth (float, metres, 0 = invalid) -> 16-bit PNG in units of ``scale`` metres.
+    Valid depths round to the nearest unit but never to 0 (which means invalid)."""
+    d = np.asarray(depth_m, dtype=np.float64)
+    units = np.rint(d / scale)
+    valid = np.isfinite(d) & (d > 0)
+    units = np.where(valid, np.clip(units, 1, 65535), 0)
+    return encode_png(units.astype(np.uint16))
+
+
+def decode_depth(data: bytes, scale: float) -> np.ndarray:
+    """16-bit depth PNG -> float32 metres (0 = invalid)."""
+    return decode_png(data, np.uint16).astype(np.float32) * np.float32(scale)

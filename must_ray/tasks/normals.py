@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from must_ray.schema import decode_normals, encode_normals
+from must_ray.images import decode_png, encode_png
 from must_ray.tasks import register_task
 from must_ray.tasks._layers import DenseTask, as_bytes, is_null
 
@@ -162,3 +162,23 @@ class NormalsTask(DenseTask):
         mean = total / norm if norm > 0 else np.array([0.0, 0.0, 1.0])
         return [None if g is None else np.broadcast_to(mean.astype(np.float32), np.asarray(g).shape[:2] + (3,)).copy()
                 for g in gts]
+
+
+def encode_normals(normals: np.ndarray) -> bytes:
+    """Unit normals (H, W, 3) -> RGB PNG with ``rgb = round((n + 1) * 127.5)``.
+    Invalid pixels (zero vectors) are stored as (128, 128, 128), which decodes to a near-zero
+    vector and back to invalid."""
+    n = np.asarray(normals, dtype=np.float32)
+    valid = np.linalg.norm(n, axis=-1) > 0.5
+    rgb = np.clip(np.rint((n + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    rgb[~valid] = 128
+    return encode_png(rgb)
+
+
+def decode_normals(data: bytes) -> np.ndarray:
+    """RGB normals PNG -> float32 unit vectors (H, W, 3); invalid pixels are zero vectors."""
+    rgb = decode_png(data, np.uint8).astype(np.float32)
+    n = rgb / 127.5 - 1.0
+    norm = np.linalg.norm(n, axis=-1, keepdims=True)
+    valid = norm > 0.5
+    return np.where(valid, n / np.maximum(norm, 1e-6), 0.0).astype(np.float32)

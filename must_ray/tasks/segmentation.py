@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from must_ray.schema import decode_png, encode_png
+from must_ray.images import decode_png, encode_png
 from must_ray.tasks import register_task
 from must_ray.tasks._layers import DenseTask, as_bytes, is_null
 

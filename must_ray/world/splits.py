@@ -18,7 +18,9 @@ from ray.data.datasource import FilenameProvider
 
 from must_ray import __version__
 from must_ray.config import Config, ConfigError, SplitConfig, WorldConfig, config_to_dict
-from must_ray.schema import encode_png, examples_schema, rows_to_table
+from must_ray.images import encode_png
+from must_ray.io import write_atomic
+from must_ray.table import examples_schema, rows_to_table
 from must_ray.tasks import build_tasks
 
 WORLD_SOURCE = "must-ray-world"
@@ -85,11 +87,7 @@ def image_file_name(image_id: str) -> str:
 
 
 def _write_image_file(directory: str, image_id: str, png: bytes) -> None:
-    path = os.path.join(directory, image_file_name(image_id))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(png)
-    os.replace(tmp, path)
+    write_atomic(os.path.join(directory, image_file_name(image_id)), png)
 
 
 class SplitFilenames(FilenameProvider):

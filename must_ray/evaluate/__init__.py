@@ -1,0 +1,1 @@
+"""After step 3: score models per task, compare the student with its teachers, probe transfer."""
