@@ -13,7 +13,8 @@ import tempfile
 import time
 from typing import Any, Iterable, Optional
 
-from must_ray.config import Config, ConfigError, config_from_dict, config_to_dict
+from must_ray.config import Config, config_from_dict
+from must_ray.typed_config import ConfigError, config_to_dict, deep_merge
 
 OPS = {">=": lambda v, t: v >= t, "<": lambda v, t: v < t, "<=": lambda v, t: v <= t, ">": lambda v, t: v > t}
 
@@ -126,11 +127,12 @@ def module_main(fn) -> None:
 
 
 def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:
-    """``cfg`` with keys of its sections replaced, e.g. ``with_overrides(cfg, label={"actors": [2, 2]})``;
-    validated like a ``--set``."""
+    """``cfg`` with keys of its sections replaced, e.g. ``with_overrides(cfg, label={"actors": [2, 2]})``
+    (nested mappings merge key by key: ``student={"scaling": {"cpus_per_worker": 2}}``); validated
+    like a ``--set``."""
     data = config_to_dict(cfg)
     for section, keys in sections.items():
-        data[section].update(keys)
+        data[section] = deep_merge(data[section], keys)
     return config_from_dict(data)
 
 

@@ -12,7 +12,7 @@ for the figure to be reported); the variants show what batch size, memory format
 * **Teachers**: every configured teacher (random-init where no checkpoint exists) on rendered world
   images at the label resolution. ``predict`` is the labelling call (``TeacherSet.predict``:
   preprocessing, the models, post-processing into labels); ``forward`` is the models alone.
-* **Student**: one ``must_ray.train.driver.train_step`` (forward, masked losses, backward, AdamW) of the
+* **Student**: one ``must_ray.train.step.train_step`` (forward, masked losses, backward, AdamW) of the
   all-task ``MultiTaskModel`` on collated world batches.
 
 Each variant's rate is the median of ``reps`` timed calls after one warm-up call, and its
@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from benchmarks.common import check, positive
-from must_ray.config import Config, ConfigError
+from benchmarks.options import Benchmark, at_least, option
+from must_ray.config import Config
+from must_ray.typed_config import ConfigError
 
 DEFAULT_MATMUL = 2048
 DEFAULT_REPS = 3
@@ -114,7 +117,8 @@ def teacher_variants(cfg: Config, batches: Sequence[int], threads: Sequence[int]
 
     from benchmarks.label import usable_teachers
     from must_ray.label.run import label_image_size, label_tasks
-    from must_ray.label.teachers import MustTeacher, TeacherSet, resolve_teachers
+    from must_ray.label.teachers import TeacherSet, resolve_teachers
+    from must_ray.label.teachers.kinds.checkpoint import MustTeacher
     from must_ray.models import images_to_tensor
 
     cfg, kinds = usable_teachers(cfg)
@@ -193,15 +197,17 @@ def student_variants(cfg: Config, batches: Sequence[int], threads: Sequence[int]
     from benchmarks.common import world_table
     from must_ray.table import conform, table_classes, table_tasks
     from must_ray.train.collate import TrainCollate, split_batch
-    from must_ray.train.driver import build_module, build_optimizer, train_step
+    from must_ray.train.optim import build_optimizer
+    from must_ray.train.step import build_module, train_step
 
     tcfg = cfg.student
     default_batch = int(tcfg.global_batch_size)
     table = world_table(cfg, os.path.join(workdir, "table"), max([default_batch, *batches]))
     names, classes = table_tasks([table]), table_classes([table])
     data = conform(pq.read_table(table), names)
-    collate = TrainCollate(names, len(classes), cfg.tasks, image_size=int(tcfg.image_size or cfg.world.image_size),
-                           augment=tcfg.augment, crop_scale_min=tcfg.crop_scale_min, seed=tcfg.seed)
+    inp = tcfg.input
+    collate = TrainCollate(names, len(classes), cfg.tasks, image_size=int(inp.image_size or cfg.world.image_size),
+                           augment=inp.augment, crop_scale_min=inp.crop_scale_min, seed=tcfg.seed)
 
     def step_fn(batch: int, channels_last: bool) -> Callable[[], None]:
         torch.manual_seed(tcfg.seed)
@@ -214,7 +220,7 @@ def student_variants(cfg: Config, batches: Sequence[int], threads: Sequence[int]
 
         def run() -> None:
             train_step(module, module, tasks, images, targets, present, optimizer, scheduler,
-                       grad_clip=tcfg.grad_clip, channels_last=channels_last)
+                       grad_clip=tcfg.optimizer.grad_clip, channels_last=channels_last)
         return run
 
     cl = bool(tcfg.channels_last)
@@ -237,15 +243,32 @@ def student_variants(cfg: Config, batches: Sequence[int], threads: Sequence[int]
             sec = time_call(step_fn(b, cl), reps)
             out.append(_variant(f"train step, batch {b}, 1 thread, {fmt}", int(per_image[b] * b), b, sec, 1, peaks,
                                 channels_last=cl))
-    return {"backbone": tcfg.model.backbone, "tasks": names, "image_size": int(tcfg.image_size or cfg.world.image_size),
+    return {"backbone": tcfg.model.backbone, "tasks": names, "image_size": int(inp.image_size or cfg.world.image_size),
             "mflop_per_image": round(per_image[default_batch] / 1e6, 2), "variants": out}
 
 
-def benchmark_flops(cfg: Config, matmul_size: int = DEFAULT_MATMUL, reps: int = DEFAULT_REPS,
-                    teacher_batches: Sequence[int] = DEFAULT_TEACHER_BATCHES,
-                    student_batches: Sequence[int] = DEFAULT_STUDENT_BATCHES,
-                    threads: Optional[Sequence[int]] = None, compile_: bool = False,
-                    workdir: Optional[str] = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FlopsOptions:
+    """``jobs/benchmark.py flops``'s settings (``workdir``: for library callers only)."""
+
+    matmul_size: int = option(DEFAULT_MATMUL, "--matmul-size", "side of the square matrices of the peak measurement "
+                              f"(default {DEFAULT_MATMUL})", type=at_least(16))
+    reps: int = option(DEFAULT_REPS, "--reps", f"timed calls per variant, median (default {DEFAULT_REPS})",
+                       type=at_least(1))
+    teacher_batches: Optional[list[int]] = option(None, "--teacher-batch", "extra teacher batch sizes to try, "
+                                                  "repeatable (default 16 and 256; label.batch_size always)",
+                                                  type=at_least(1), repeat=True)
+    student_batches: Optional[list[int]] = option(None, "--student-batch", "extra student batch sizes to try, "
+                                                  "repeatable (default 64; student.global_batch_size always)",
+                                                  type=at_least(1), repeat=True)
+    threads: Optional[list[int]] = option(None, "--threads", "thread counts, repeatable (default 1 and #CPUs)",
+                                          type=at_least(1), repeat=True)
+    compile: bool = option(False, "--compile", "add a torch.compile variant of the teachers' forward (compiling "
+                           "takes minutes on 2 cores)", switch=True)
+    workdir: Optional[str] = None
+
+
+def benchmark_flops(cfg: Config, options: FlopsOptions = FlopsOptions()) -> dict[str, Any]:
     """Peak, FLOPs and achieved rates (see the module doc). ``threads`` default: 1 and #cores.
     Runs in this process (no Ray); torch's thread count is restored afterwards."""
     import os
@@ -254,22 +277,25 @@ def benchmark_flops(cfg: Config, matmul_size: int = DEFAULT_MATMUL, reps: int = 
 
     import torch
 
+    matmul_size, reps = options.matmul_size, options.reps
+    teacher_batches = options.teacher_batches or DEFAULT_TEACHER_BATCHES
+    student_batches = options.student_batches or DEFAULT_STUDENT_BATCHES
     positive("--matmul-size", matmul_size, 16)
     positive("--reps", reps)
     for b in [*teacher_batches, *student_batches]:
         positive("batch size", b)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = sorted(set(threads or [1, cores]))
+    threads = sorted(set(options.threads or [1, cores]))
     if 1 not in threads:
         raise ConfigError("--threads must include 1 (the variants run on one thread)")
     before = torch.get_num_threads()
-    own = workdir is None
-    workdir = workdir or tempfile.mkdtemp(prefix="must-ray-bench-flops-")
+    own = options.workdir is None
+    workdir = options.workdir or tempfile.mkdtemp(prefix="must-ray-bench-flops-")
     load_before = os.getloadavg()[0]
     try:
         measured = {t: matmul_peak(t, matmul_size) for t in threads}
         peaks = {"wall": {t: m[0] for t, m in measured.items()}, "cpu": measured[1][1]}
-        teacher = teacher_variants(cfg, teacher_batches, threads, peaks, reps, compile_)
+        teacher = teacher_variants(cfg, teacher_batches, threads, peaks, reps, options.compile)
         torch.set_num_threads(before)
         student = student_variants(cfg, student_batches, threads, peaks, reps, workdir)
         first = {"teacher": teacher["variants"][0], "student": student["variants"][0]}
@@ -290,4 +316,12 @@ def benchmark_flops(cfg: Config, matmul_size: int = DEFAULT_MATMUL, reps: int = 
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-__all__ = ["benchmark_flops", "matmul_peak", "count_flops", "teacher_variants", "student_variants"]
+BENCHMARK = Benchmark("flops", "matmul peak vs teacher inference / student step FLOP rate", benchmark_flops,
+                      FlopsOptions, needs_ray=False,
+                      smoke=("--matmul-size", "256", "--reps", "1", "--teacher-batch", "4", "--student-batch", "4",
+                             "--threads", "1"),
+                      description="Measured fp32 matmul peak vs the FLOP rate (FlopCounterMode counts) of teacher "
+                                  "inference and student training steps, with variants (batch, channels_last, "
+                                  "threads, torch.compile). Runs in this process, without Ray.")
+
+__all__ = ["BENCHMARK", "FlopsOptions", "benchmark_flops", "matmul_peak", "count_flops", "teacher_variants", "student_variants"]

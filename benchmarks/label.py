@@ -27,12 +27,15 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
 from benchmarks.common import check, module_main, ray_worker_niceness, run_module
-from must_ray.config import Config, config_from_dict, config_to_dict
+from benchmarks.options import Benchmark, at_least, option, workdir_option
+from must_ray.config import Config, config_from_dict
+from must_ray.typed_config import config_to_dict
 
 
 def write_benchmark_images(cfg: Config, directory: str, num_images: int) -> list[str]:
@@ -141,11 +144,11 @@ def plain_loop(cfg: Config, files: list[str], out_path: str, threads: int) -> di
 
 
 def ray_job(cfg: Config, image_dir: str, out_dir: str) -> dict[str, Any]:
-    """The production path: :func:`must_ray.label.run.run_labeling` on a connected Ray."""
-    from must_ray.label.run import run_labeling
+    """The production path: :func:`must_ray.label.run.run_labeling` on a connected Ray, profiled."""
+    from benchmarks.label_profile import profiled_labeling
 
     t0 = time.perf_counter()
-    summary = run_labeling(cfg, image_dir, out_dir, log_every_s=1e9)
+    summary = profiled_labeling(cfg, image_dir, out_dir)
     total = time.perf_counter() - t0
     n = summary["inputs"]
     return {"images": n, "rows": summary["rows"], "quarantined": summary["quarantined"], "seconds": round(total, 3),
@@ -170,8 +173,21 @@ def run_plain_subprocess(cfg: Config, image_dir: str, out_path: str, threads: in
     return result
 
 
-def benchmark_label(cfg: Config, num_images: int = 2048, workdir: Optional[str] = None,
-                    threads: Optional[list[int]] = None, repeats: int = 2) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LabelOptions:
+    """``jobs/benchmark.py label``'s settings."""
+
+    num_images: int = option(2048, "--num", "images (world scenes written as PNG files; default 2048)",
+                             type=at_least(1))
+    threads: Optional[list[int]] = option(None, "--threads", "torch threads of the plain loop, repeatable; the "
+                                          "fastest is the baseline (default: 1 and #CPUs)", type=at_least(1),
+                                          repeat=True)
+    repeats: int = option(2, "--repeats", "rounds, in ABBA order (plain, ray, ray, plain ...); medians are "
+                          "reported (default 2)", type=at_least(1))
+    workdir: Optional[str] = workdir_option()
+
+
+def benchmark_label(cfg: Config, options: LabelOptions = LabelOptions()) -> dict[str, Any]:
     """Run both sides on the same ``num_images`` world images and the same teachers; return the
     JSON-ready result with both throughputs and the ratios (Ray / plain). Needs a connected Ray
     (the cluster whose CPUs are "the same cores").
@@ -183,13 +199,14 @@ def benchmark_label(cfg: Config, num_images: int = 2048, workdir: Optional[str] 
 
     import ray
 
+    num_images, repeats = options.num_images, options.repeats
     cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-    threads = threads or sorted({1, cores})
+    threads = options.threads or sorted({1, cores})
     niceness = ray_worker_niceness()
     load_before = os.getloadavg()[0]
     cfg, kinds = usable_teachers(cfg)
-    own = workdir is None
-    workdir = workdir or tempfile.mkdtemp(prefix="must-ray-bench-label-")
+    own = options.workdir is None
+    workdir = options.workdir or tempfile.mkdtemp(prefix="must-ray-bench-label-")
     try:
         image_dir = os.path.join(workdir, "images")
         write_benchmark_images(cfg, image_dir, num_images)
@@ -262,7 +279,10 @@ def _plain_main(spec: dict) -> dict[str, Any]:
     return plain_loop(cfg, files, spec["out"], int(spec["threads"]))
 
 
-__all__ = ["benchmark_label", "plain_loop", "ray_job", "run_plain_subprocess", "usable_teachers", "write_benchmark_images"]
+BENCHMARK = Benchmark("label", "labelling: Ray Data job vs plain PyTorch loop", benchmark_label, LabelOptions,
+                      smoke=("--num", "16", "--threads", "1", "--repeats", "1"))
+
+__all__ = ["BENCHMARK", "LabelOptions", "benchmark_label", "plain_loop", "ray_job", "run_plain_subprocess", "usable_teachers", "write_benchmark_images"]
 
 
 if __name__ == "__main__":

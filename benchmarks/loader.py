@@ -4,7 +4,7 @@ is ``loader images/s >= 3 x training images/s``, so the input never holds a step
 when the machine is busier, the model smaller or the images bigger).
 
 Both sides run in one Ray task that reserves one training worker's CPUs
-(``student.cpus_per_worker``), so at a worker's CPU priority, in alternating order (``repeats``):
+(``student.scaling.cpus_per_worker``), so at a worker's CPU priority, in alternating order (``repeats``):
 
 * loader: the trainer's own code path without the model. ``must_ray.train.collate.read_tables`` (Parquet
   -> Ray Data, conformed to the tasks) -> ``cache_in_object_store`` (as ``train`` does for tables
@@ -14,7 +14,7 @@ Both sides run in one Ray task that reserves one training worker's CPUs
   after them are (a training run pays them too);
 * consumption: the trainer's ``train_step`` on already collated batches (``plain_train`` of the
   ``train`` benchmark with ``precollated=True``) with the trainer's torch threads
-  (``student.cpus_per_worker``): the images per second one worker's step eats.
+  (``student.scaling.cpus_per_worker``): the images per second one worker's step eats.
 
 Also reported: ``collate_images_per_s``, ``TrainCollate`` alone on one thread, in-process (the
 per-image decode + augment cost without Ray Data's threads).
@@ -25,9 +25,11 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from benchmarks.common import check, median, positive, world_table
+from benchmarks.options import Benchmark, at_least, option, workdir_option
 from must_ray.config import Config
 
 TARGET_RATIO = 3.0
@@ -76,13 +78,13 @@ def _worker(iterator, cfg_dict: dict, table: str, collate_args: dict, epochs: in
 
     cfg = config_from_dict(cfg_dict)
     tcfg = cfg.student
-    threads = max(1, int(tcfg.cpus_per_worker))
+    threads = max(1, int(tcfg.scaling.cpus_per_worker))
     before = torch.get_num_threads()
     out: dict[str, list] = {"loader": [], "train_step": []}
 
     def loader() -> None:
         out["loader"].append(_consume(iterator, collate_args, int(tcfg.global_batch_size), epochs, warmup_batches,
-                                      tcfg.prefetch_batches, tcfg.shuffle_buffer, tcfg.seed))
+                                      tcfg.input.prefetch_batches, tcfg.input.shuffle_buffer, tcfg.seed))
 
     def step() -> None:
         out["train_step"].append(plain_train(cfg, table, threads, 3, steps, precollated=True))
@@ -101,20 +103,20 @@ def ray_loader(cfg: Config, table: str, epochs: int, warmup_batches: int, steps:
     consumption, measured in one Ray task (see the module doc)."""
     import ray
 
-    from must_ray.config import config_to_dict
     from must_ray.table import table_classes, table_rows, table_tasks
     from must_ray.train.dataset import cache_in_object_store, read_tables
+    from must_ray.typed_config import config_to_dict
 
     tcfg = cfg.student
     names, classes, rows = table_tasks([table]), table_classes([table]), table_rows(table)
     batch = int(tcfg.global_batch_size)
-    ds = read_tables([table], names, seed=tcfg.seed, read_cpus=tcfg.read_cpus)
+    ds = read_tables([table], names, seed=tcfg.seed, read_cpus=tcfg.input.read_cpus)
     ds = cache_in_object_store(ds, rows, block_rows=max(batch, 32), seed=tcfg.seed)
     split = ds.streaming_split(1, equal=True)[0]
     collate_args = {"tasks": names, "num_classes": len(classes), "task_cfgs": cfg.tasks,
-                    "image_size": int(tcfg.image_size or cfg.world.image_size), "augment": tcfg.augment,
-                    "crop_scale_min": tcfg.crop_scale_min, "seed": tcfg.seed}
-    worker = ray.remote(num_cpus=tcfg.cpus_per_worker)(_worker)
+                    "image_size": int(tcfg.input.image_size or cfg.world.image_size), "augment": tcfg.input.augment,
+                    "crop_scale_min": tcfg.input.crop_scale_min, "seed": tcfg.seed}
+    worker = ray.remote(num_cpus=tcfg.scaling.cpus_per_worker)(_worker)
     return ray.get(worker.remote(split, config_to_dict(cfg), table, collate_args, epochs, warmup_batches, steps, repeats))
 
 
@@ -129,8 +131,9 @@ def collate_alone(cfg: Config, table: str, batches: int = 4) -> dict[str, Any]:
     names, classes = table_tasks([table]), table_classes([table])
     data = conform(pq.read_table(table), names)
     batch = int(tcfg.global_batch_size)
-    collate = TrainCollate(names, len(classes), cfg.tasks, image_size=int(tcfg.image_size or cfg.world.image_size),
-                           augment=tcfg.augment, crop_scale_min=tcfg.crop_scale_min, seed=tcfg.seed)
+    inp = tcfg.input
+    collate = TrainCollate(names, len(classes), cfg.tasks, image_size=int(inp.image_size or cfg.world.image_size),
+                           augment=inp.augment, crop_scale_min=inp.crop_scale_min, seed=tcfg.seed)
     collate(data.slice(0, batch))  # warm-up (imports, first allocations)
     n = min(batches, max(1, data.num_rows // batch))
     t0 = time.perf_counter()
@@ -140,12 +143,26 @@ def collate_alone(cfg: Config, table: str, batches: int = 4) -> dict[str, Any]:
     return {"images": n * batch, "seconds": round(seconds, 3), "images_per_s": round(n * batch / seconds, 2)}
 
 
-def benchmark_loader(cfg: Config, rows: int = DEFAULT_ROWS, epochs: int = DEFAULT_EPOCHS,
-                     warmup_batches: int = DEFAULT_WARMUP, steps: int = 20, repeats: int = 2,
-                     workdir: Optional[str] = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LoaderOptions:
+    """``jobs/benchmark.py loader``'s settings."""
+
+    rows: int = option(DEFAULT_ROWS, "--rows", f"rows of the world table (default {DEFAULT_ROWS})", type=at_least(1))
+    epochs: int = option(DEFAULT_EPOCHS, "--epochs", f"epochs the loader runs (default {DEFAULT_EPOCHS})",
+                         type=at_least(1))
+    warmup_batches: int = option(DEFAULT_WARMUP, "--warmup", f"untimed batches at the start (default {DEFAULT_WARMUP})",
+                                 type=at_least(1))
+    steps: int = option(20, "--steps", "timed training steps of the consumption side (default 20)", type=at_least(1))
+    repeats: int = option(2, "--repeats", "rounds, alternating the order; medians (default 2)", type=at_least(1))
+    workdir: Optional[str] = workdir_option()
+
+
+def benchmark_loader(cfg: Config, options: LoaderOptions = LoaderOptions()) -> dict[str, Any]:
     """The loader's images/s (Ray Data path, ``epochs`` epochs of a ``rows``-row world table) vs
     the training step's consumption (``steps`` timed steps on collated batches, after 3 warm-up
     steps), ``repeats`` rounds alternating the order, medians. Needs a connected Ray."""
+    rows, epochs, warmup_batches = options.rows, options.epochs, options.warmup_batches
+    steps, repeats = options.steps, options.repeats
     for name, v in (("--rows", rows), ("--epochs", epochs), ("--warmup", warmup_batches), ("--steps", steps),
                     ("--repeats", repeats)):
         positive(name, v)
@@ -153,10 +170,10 @@ def benchmark_loader(cfg: Config, rows: int = DEFAULT_ROWS, epochs: int = DEFAUL
     if (rows // batch) * epochs <= warmup_batches:
         raise ValueError(f"--rows {rows} x --epochs {epochs} give {(rows // batch) * epochs} batches of {batch}: "
                          f"no more than the {warmup_batches} warm-up batches")
-    threads = max(1, int(cfg.student.cpus_per_worker))
+    threads = max(1, int(cfg.student.scaling.cpus_per_worker))
     load_before = os.getloadavg()[0]
-    own = workdir is None
-    workdir = workdir or tempfile.mkdtemp(prefix="must-ray-bench-loader-")
+    own = options.workdir is None
+    workdir = options.workdir or tempfile.mkdtemp(prefix="must-ray-bench-loader-")
     try:
         table = world_table(cfg, os.path.join(workdir, "table"), rows)
         runs = ray_loader(cfg, table, epochs, warmup_batches, steps, repeats)
@@ -167,7 +184,7 @@ def benchmark_loader(cfg: Config, rows: int = DEFAULT_ROWS, epochs: int = DEFAUL
         ratio = round(loader / consume, 3)
         return {
             "benchmark": "loader", "rows": rows, "epochs": epochs, "warmup_batches": warmup_batches, "batch": batch,
-            "image_size": int(cfg.student.image_size or cfg.world.image_size), "repeats": repeats,
+            "image_size": int(cfg.student.input.image_size or cfg.world.image_size), "repeats": repeats,
             "loader_images_per_s": loader, "train_images_per_s": consume, "ratio": ratio, "target_ratio": TARGET_RATIO,
             "train_threads": threads, "collate_images_per_s": collate["images_per_s"],
             "checks": [check("input pipeline / training consumption, images/s", ratio, ">=", TARGET_RATIO)],
@@ -180,4 +197,11 @@ def benchmark_loader(cfg: Config, rows: int = DEFAULT_ROWS, epochs: int = DEFAUL
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-__all__ = ["benchmark_loader", "ray_loader", "collate_alone"]
+BENCHMARK = Benchmark("loader", "training input pipeline alone vs training consumption, images/s", benchmark_loader,
+                      LoaderOptions, smoke=("--rows", "64", "--epochs", "1", "--warmup", "1", "--steps", "2",
+                                            "--repeats", "1"),
+                      description="The trainer's input path (read_tables -> cache -> streaming_split -> "
+                                  "iter_torch_batches with TrainCollate) consumed without a model, vs the images/s "
+                                  "of the trainer's step on already collated batches.")
+
+__all__ = ["BENCHMARK", "LoaderOptions", "benchmark_loader", "ray_loader", "collate_alone"]

@@ -6,7 +6,7 @@ Each run is the real labelling job (``must_ray.label.run.run_labeling``) on worl
 PNG files, with the configured teachers (random-init where no checkpoint exists), into a fresh
 output. Every teacher actor reports its own peak RSS (``getrusage`` high-water mark, read once
 per committed shard: one syscall, no sampling thread, nothing added to the work) and the run's
-summary carries the largest as ``actor_peak_rss_mb``. The N-image run goes first, so an actor
+profile (``benchmarks.label_profile``) carries the largest as ``actor_peak_rss_mb``. The N-image run goes first, so an actor
 process that Ray reused for the 4N run could only hide a decrease, never growth.
 """
 from __future__ import annotations
@@ -14,9 +14,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from benchmarks.common import check, positive
+from benchmarks.options import Benchmark, at_least, option, workdir_option
 from must_ray.config import Config
 
 TARGET_GROWTH = 0.10
@@ -25,26 +27,35 @@ DEFAULT_NUM = 512
 
 def labeling_run(cfg: Config, image_dir: str, out_dir: str) -> dict[str, Any]:
     """One labelling run into a fresh ``out_dir``; the summary fields the memory and scaling
-    benchmarks read."""
-    from must_ray.label.run import run_labeling
+    benchmarks read (the job's summary and its profile, :mod:`benchmarks.label_profile`)."""
+    from benchmarks.label_profile import profiled_labeling
 
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.rmtree(out_dir + "_quarantine", ignore_errors=True)
-    s = run_labeling(cfg, image_dir, out_dir, log_every_s=1e9)
+    s = profiled_labeling(cfg, image_dir, out_dir)
     keys = ("inputs", "rows", "quarantined", "shards", "actors_used", "images_per_s", "steady_images_per_s",
             "pipeline_s", "actor_start_s", "actor_peak_rss_mb", "actor_cpu_s", "stage_s", "shards_decoded_in_actor")
     return {k: s[k] for k in keys}
 
 
-def benchmark_memory(cfg: Config, num: int = DEFAULT_NUM, workdir: Optional[str] = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class MemoryOptions:
+    """``jobs/benchmark.py memory``'s settings."""
+
+    num: int = option(DEFAULT_NUM, "--num", f"N (default {DEFAULT_NUM})", type=at_least(1))
+    workdir: Optional[str] = workdir_option()
+
+
+def benchmark_memory(cfg: Config, options: MemoryOptions = MemoryOptions()) -> dict[str, Any]:
     """Label ``num`` then ``4 * num`` images (the first ``num`` are the same files) and compare the
     teacher actors' peak RSS. Needs a connected Ray."""
     from benchmarks.label import usable_teachers, write_benchmark_images
 
+    num = options.num
     positive("--num", num)
     cfg, kinds = usable_teachers(cfg)
-    own = workdir is None
-    workdir = workdir or tempfile.mkdtemp(prefix="must-ray-bench-memory-")
+    own = options.workdir is None
+    workdir = options.workdir or tempfile.mkdtemp(prefix="must-ray-bench-memory-")
     try:
         big = os.path.join(workdir, "images_4n")
         small = os.path.join(workdir, "images_n")
@@ -69,4 +80,9 @@ def benchmark_memory(cfg: Config, num: int = DEFAULT_NUM, workdir: Optional[str]
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-__all__ = ["benchmark_memory", "labeling_run"]
+BENCHMARK = Benchmark("memory", "teacher actor peak RSS for N and 4N images", benchmark_memory, MemoryOptions,
+                      smoke=("--num", "8"),
+                      description="Labels N then 4N images with the real labelling job; each teacher actor reports "
+                                  "its peak RSS (getrusage high-water mark) with every shard.")
+
+__all__ = ["BENCHMARK", "MemoryOptions", "benchmark_memory", "labeling_run"]

@@ -31,10 +31,13 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from benchmarks.common import check, median, positive, ray_cpus, with_overrides
-from must_ray.config import Config, ConfigError
+from benchmarks.options import Benchmark, at_least, option, positive_float, workdir_option
+from must_ray.config import Config
+from must_ray.typed_config import ConfigError
 
 TARGET_SPEEDUP = 1.8
 DEFAULT_NUM = 2048
@@ -69,16 +72,34 @@ def parallel_capacity(workers: int, cpus: float, seconds: float = 2.0) -> float:
     return round(sum(many) / one, 3)
 
 
-def benchmark_scaling(cfg: Config, num: int = DEFAULT_NUM, actors: Sequence[int] = (1, 2),
-                      cpus_per_actor: Optional[float] = None, decode_cpus: float = DEFAULT_DECODE_CPUS,
-                      repeats: int = 2, probe_seconds: float = 2.0, workdir: Optional[str] = None) -> dict[str, Any]:
-    """Label the same ``num`` images with each pool size in ``actors`` (``repeats`` rounds,
-    alternating order); report each size's median steady and end-to-end images/s, the speedup
-    of the largest pool over the smallest and the machine's capacity (:func:`parallel_capacity`,
-    ``probe_seconds`` per probe, before and after). Needs a connected Ray."""
+@dataclass(frozen=True)
+class ScalingOptions:
+    """``jobs/benchmark.py scaling``'s settings."""
+
+    num: int = option(DEFAULT_NUM, "--num", f"images (default {DEFAULT_NUM})", type=at_least(1))
+    actors: Optional[list[int]] = option(None, "--actors", "pool sizes, repeatable (default 1 and 2)",
+                                         type=at_least(1), repeat=True)
+    cpus_per_actor: Optional[float] = option(None, "--cpus-per-actor", "logical CPUs per actor (default min(1, "
+                                             "(CPUs - decode CPUs) / largest pool))", type=positive_float)
+    decode_cpus: float = option(DEFAULT_DECODE_CPUS, "--decode-cpus",
+                                f"logical CPUs per decode task (default {DEFAULT_DECODE_CPUS})", type=positive_float)
+    repeats: int = option(2, "--repeats", "rounds, alternating the order (1, 2, 2, 1); medians (default 2)",
+                          type=at_least(1))
+    probe_seconds: float = option(2.0, "--probe-seconds", "length of each machine-capacity probe (concurrent "
+                                  "matmul workers vs one; default 2)", type=positive_float)
+    workdir: Optional[str] = workdir_option()
+
+
+def benchmark_scaling(cfg: Config, options: ScalingOptions = ScalingOptions()) -> dict[str, Any]:
+    """Label the same ``num`` images with each pool size in ``actors`` (default 1 and 2;
+    ``repeats`` rounds, alternating order); report each size's median steady and end-to-end
+    images/s, the speedup of the largest pool over the smallest and the machine's capacity
+    (:func:`parallel_capacity`, ``probe_seconds`` per probe, before and after). Needs a connected Ray."""
     from benchmarks.label import usable_teachers, write_benchmark_images
     from benchmarks.memory import labeling_run
 
+    num, actors, decode_cpus = options.num, options.actors or (1, 2), options.decode_cpus
+    repeats, probe_seconds = options.repeats, options.probe_seconds
     positive("--num", num)
     positive("--repeats", repeats)
     if probe_seconds <= 0:
@@ -89,7 +110,7 @@ def benchmark_scaling(cfg: Config, num: int = DEFAULT_NUM, actors: Sequence[int]
     if decode_cpus <= 0:
         raise ConfigError(f"--decode-cpus must be > 0, got {decode_cpus}")
     cores = ray_cpus()
-    per_actor = cpus_per_actor or round(min(1.0, (cores - decode_cpus) / sizes[-1]), 3)
+    per_actor = options.cpus_per_actor or round(min(1.0, (cores - decode_cpus) / sizes[-1]), 3)
     if per_actor <= 0 or per_actor * sizes[-1] + decode_cpus > cores + 1e-9:
         raise ConfigError(f"{sizes[-1]} actors x {per_actor} CPUs + {decode_cpus} for a decode task exceed the "
                           f"{cores} CPUs of the Ray cluster (lower --cpus-per-actor or --decode-cpus)")
@@ -97,8 +118,8 @@ def benchmark_scaling(cfg: Config, num: int = DEFAULT_NUM, actors: Sequence[int]
     cfg = with_overrides(cfg, label={"num_cpus_per_actor": per_actor, "decode_num_cpus": decode_cpus,
                                      "torch_threads": 1, "encode_threads": 0})
     load_before = os.getloadavg()[0]
-    own = workdir is None
-    workdir = workdir or tempfile.mkdtemp(prefix="must-ray-bench-scaling-")
+    own = options.workdir is None
+    workdir = options.workdir or tempfile.mkdtemp(prefix="must-ray-bench-scaling-")
     try:
         image_dir = os.path.join(workdir, "images")
         write_benchmark_images(cfg, image_dir, num)
@@ -138,4 +159,10 @@ def benchmark_scaling(cfg: Config, num: int = DEFAULT_NUM, actors: Sequence[int]
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-__all__ = ["benchmark_scaling"]
+BENCHMARK = Benchmark("scaling", "labelling throughput, 1 vs 2 teacher actors", benchmark_scaling, ScalingOptions,
+                      smoke=("--num", "16", "--repeats", "1", "--probe-seconds", "0.1"),
+                      description="The labelling job on the same images with each actor-pool size (same per-actor "
+                                  "CPUs, 1 torch thread per actor, label PNGs encoded in that thread); steady "
+                                  "images/s and the speedup.")
+
+__all__ = ["BENCHMARK", "ScalingOptions", "benchmark_scaling", "parallel_capacity"]

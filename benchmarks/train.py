@@ -5,7 +5,7 @@ every Ray configuration (default: 1 worker holding every core, and one worker pe
 
 Both sides train ``MultiTaskModel`` on every task of a world table (ground truth of all five
 tasks: a pseudo-label table's schema) with the trainer's own pieces: ``build_module``,
-``build_optimizer`` and ``train_step`` of ``must_ray.train.driver``, and ``TrainCollate`` (decode,
+``build_optimizer`` and ``train_step`` of ``must_ray.train.step`` / ``must_ray.train.optim``, and ``TrainCollate`` (decode,
 random crop + flip of image and labels) for the input. The plain loop holds the table in memory,
 collates each batch inline (a map-style dataset with ``DataLoader(num_workers=0)``) and runs the
 step, in a Ray task only so that it gets the Ray workers' CPU priority and no process start. The Ray side is the real
@@ -35,10 +35,13 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from benchmarks.common import check, median, positive, ray_cpus, ray_worker_niceness, with_overrides, world_table
-from must_ray.config import Config, ConfigError, config_from_dict, config_to_dict
+from benchmarks.options import Benchmark, at_least, checked_by, option, positive_float, workdir_option
+from must_ray.config import Config, config_from_dict
+from must_ray.typed_config import ConfigError, config_to_dict
 
 TARGET_RATIO = 0.9
 DEFAULT_WARMUP = 8
@@ -80,12 +83,13 @@ def plain_train(cfg: Config, table: str, threads: int, warmup_steps: int, steps:
 
     from must_ray.table import conform, table_classes, table_tasks
     from must_ray.train.collate import TrainCollate, split_batch
-    from must_ray.train.driver import EMA, build_module, build_optimizer, train_step
+    from must_ray.train.optim import build_ema, build_optimizer
+    from must_ray.train.step import build_module, train_step
 
     torch.set_num_threads(threads)
     tcfg = cfg.student
     names, classes = table_tasks([table]), table_classes([table])
-    image_size = int(tcfg.image_size or cfg.world.image_size)
+    image_size = int(tcfg.input.image_size or cfg.world.image_size)
     batch_size = int(tcfg.global_batch_size)
     total = warmup_steps + steps
     torch.manual_seed(tcfg.seed)
@@ -93,10 +97,10 @@ def plain_train(cfg: Config, table: str, threads: int, warmup_steps: int, steps:
     if tcfg.channels_last:
         module = module.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(module, tcfg, total)
-    ema = EMA(module.model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+    ema = build_ema(module.model, tcfg.ema_decay)
     data = conform(pq.read_table(table), names)
-    collate = TrainCollate(names, len(classes), cfg.tasks, image_size=image_size, augment=tcfg.augment,
-                           crop_scale_min=tcfg.crop_scale_min, seed=tcfg.seed, epoch=0)
+    collate = TrainCollate(names, len(classes), cfg.tasks, image_size=image_size, augment=tcfg.input.augment,
+                           crop_scale_min=tcfg.input.crop_scale_min, seed=tcfg.seed, epoch=0)
     order = np.random.default_rng(tcfg.seed).permutation(data.num_rows)
     if data.num_rows < batch_size * (1 if precollated else total):
         raise ValueError(f"table {table} has {data.num_rows} rows, fewer than the run needs")
@@ -118,8 +122,8 @@ def plain_train(cfg: Config, table: str, threads: int, warmup_steps: int, steps:
         collate_s += time.perf_counter() - t0
         images, targets = split_batch(batch)
         present = {t: bool(targets[t]["mask"].any()) for t in names}
-        train_step(module, module, tasks, images, targets, present, optimizer, scheduler, grad_clip=tcfg.grad_clip,
-                   ema=ema, step=i, channels_last=tcfg.channels_last)
+        train_step(module, module, tasks, images, targets, present, optimizer, scheduler,
+                   grad_clip=tcfg.optimizer.grad_clip, ema=ema, step=i, channels_last=tcfg.channels_last)
         if t_start is not None:
             timed += 1
     seconds = time.perf_counter() - t_start
@@ -175,14 +179,15 @@ def ray_train(cfg: Config, table: str, workers: int, cpus: float, warmup_steps: 
     """The production path: ``must_ray.train.driver.train`` (student, every task of ``table``) with
     ``workers`` x ``cpus`` CPUs, ``warmup_steps + steps`` steps, a report every ``warmup_steps``
     steps and one checkpoint at the end. Needs a connected Ray."""
-    from must_ray.train.driver import HISTORY_FILE, train
+    from must_ray.io import HISTORY_FILE
+    from must_ray.train.driver import train
 
     total = warmup_steps + steps
     name = f"bench-train-{config_name(workers, cpus)}-{int(time.time() * 1000)}"
     run_cfg = with_overrides(cfg, student={
-        "max_steps": total, "num_workers": [workers, workers], "cpus_per_worker": cpus,
-        "report_every_steps": warmup_steps, "checkpoint_every_steps": total, "num_to_keep": 1,
-        "storage_path": os.path.join(workdir, "ray_results"), "data": [], "tasks": []})
+        "schedule": {"max_steps": total}, "scaling": {"num_workers": [workers, workers], "cpus_per_worker": cpus},
+        "report_every_steps": warmup_steps, "data": [], "tasks": [],
+        "checkpoint": {"every_steps": total, "num_to_keep": 1, "storage_path": os.path.join(workdir, "ray_results")}})
     out = os.path.join(workdir, name)
     summary = train(run_cfg, "student", [table], None, out, name)
     if not summary["cached_input"]:
@@ -202,10 +207,31 @@ def ray_train(cfg: Config, table: str, workers: int, cpus: float, warmup_steps: 
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def benchmark_train(cfg: Config, warmup_steps: int = DEFAULT_WARMUP, steps: int = DEFAULT_STEPS,
-                    rows: Optional[int] = None, ray_configs: Optional[Sequence[str]] = None,
-                    threads: Optional[Sequence[int]] = None, repeats: int = 1,
-                    plain_max_seconds: float = DEFAULT_PLAIN_MAX_S, workdir: Optional[str] = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainOptions:
+    """``jobs/benchmark.py train``'s settings."""
+
+    warmup_steps: int = option(DEFAULT_WARMUP, "--warmup", f"untimed steps before timing (default {DEFAULT_WARMUP})",
+                               type=at_least(1))
+    steps: int = option(DEFAULT_STEPS, "--steps", f"timed steps (default {DEFAULT_STEPS})", type=at_least(1))
+    rows: Optional[int] = option(None, "--rows", "rows of the world table (default: one global batch more than "
+                                 "the run takes)", type=at_least(1))
+    ray_configs: Optional[list[str]] = option(None, "--ray", "a Ray Train configuration, repeatable, e.g. 1x2 (1 "
+                                              "worker, 2 CPUs = 2 torch threads) or 2x1 (default: 1x<cores> and "
+                                              "<cores>x1)", type=checked_by(parse_ray_config), repeat=True,
+                                              metavar="WORKERSxCPUS")
+    threads: Optional[list[int]] = option(None, "--threads", "torch threads of the plain loop, repeatable; the "
+                                          "fastest is the baseline (default: 1 and #CPUs)", type=at_least(1),
+                                          repeat=True)
+    repeats: int = option(1, "--repeats", "Ray rounds, each bracketed by plain runs (plain, ray, plain ...); "
+                          "medians (default 1)", type=at_least(1))
+    plain_max_seconds: float = option(DEFAULT_PLAIN_MAX_S, "--plain-max-seconds", "cap on each plain run's timed "
+                                      "steps (warm-up: a third of it); its rate is over the steps done (default "
+                                      f"{DEFAULT_PLAIN_MAX_S:g})", type=positive_float)
+    workdir: Optional[str] = workdir_option()
+
+
+def benchmark_train(cfg: Config, options: TrainOptions = TrainOptions()) -> dict[str, Any]:
     """Both sides on the same world table (``rows``, default one global batch more than the run's
     steps need), the same model and optimiser (``student.*`` of ``cfg``). ``ray_configs``:
     ``WORKERSxCPUS`` strings (default ``1x<cores>`` and ``<cores>x1``); ``threads``: the plain
@@ -213,18 +239,20 @@ def benchmark_train(cfg: Config, warmup_steps: int = DEFAULT_WARMUP, steps: int 
     rounds, each bracketed by plain runs; medians. ``plain_max_seconds`` caps each plain run's
     timed phase (a thread count that crawls on a busy machine must not take minutes). Needs a
     connected Ray."""
+    warmup_steps, steps, rows, repeats = options.warmup_steps, options.steps, options.rows, options.repeats
+    plain_max_seconds = options.plain_max_seconds
     positive("--warmup", warmup_steps)
     positive("--steps", steps)
     positive("--repeats", repeats)
     if plain_max_seconds <= 0:
         raise ConfigError(f"--plain-max-seconds must be > 0, got {plain_max_seconds}")
     cores = ray_cpus()
-    configs = [parse_ray_config(c) for c in (ray_configs or [f"1x{cores}", f"{cores}x1"])]
+    configs = [parse_ray_config(c) for c in (options.ray_configs or [f"1x{cores}", f"{cores}x1"])]
     configs = list(dict.fromkeys(configs))
     for w, c in configs:
         if w * c > cores + 1e-9:
             raise ConfigError(f"Ray configuration {config_name(w, c)} needs {w * c:g} CPUs, Ray has {cores}")
-    threads = sorted(set(threads or [1, cores]))
+    threads = sorted(set(options.threads or [1, cores]))
     for t in threads:
         positive("--threads", t)
         if t > cores:
@@ -236,8 +264,8 @@ def benchmark_train(cfg: Config, warmup_steps: int = DEFAULT_WARMUP, steps: int 
                           f"({warmup_steps + steps} steps x global batch {batch})")
     niceness = ray_worker_niceness()
     load_before = os.getloadavg()[0]
-    own = workdir is None
-    workdir = workdir or tempfile.mkdtemp(prefix="must-ray-bench-train-")
+    own = options.workdir is None
+    workdir = options.workdir or tempfile.mkdtemp(prefix="must-ray-bench-train-")
     try:
         table = world_table(cfg, os.path.join(workdir, "table"), rows)
         plain_runs: dict[str, list[dict]] = {str(t): [] for t in threads}
@@ -270,7 +298,7 @@ def benchmark_train(cfg: Config, warmup_steps: int = DEFAULT_WARMUP, steps: int 
         result = {
             "benchmark": "train", "rows": rows, "global_batch": batch, "warmup_steps": warmup_steps, "steps": steps,
             "cores": cores, "tasks": table_task_names(table), "backbone": cfg.student.model.backbone,
-            "image_size": int(cfg.student.image_size or cfg.world.image_size), "repeats": repeats,
+            "image_size": int(cfg.student.input.image_size or cfg.world.image_size), "repeats": repeats,
             "plain_images_per_s": base, "plain_steps_per_s": round(base / batch, 3), "plain_best_threads": int(best_t),
             "plain_images_per_s_by_threads": plain, "ray": ray_side,
             **{f"ratio_{name}": v["ratio"] for name, v in ray_side.items()},
@@ -294,4 +322,10 @@ def table_task_names(table: str) -> list[str]:
     return table_tasks([table])
 
 
-__all__ = ["benchmark_train", "plain_train", "run_plain", "ray_train", "steady_rate", "parse_ray_config"]
+BENCHMARK = Benchmark("train", "student training: Ray Train vs plain PyTorch loop, steps/s", benchmark_train,
+                      TrainOptions, smoke=("--warmup", "1", "--steps", "2", "--ray", "1x2", "--threads", "1"),
+                      description="Steady-state student steps/s and images/s: Ray Train (must_ray.train.driver.train) "
+                                  "vs a plain PyTorch loop running the trainer's own step on the same table. "
+                                  "Model, batch and optimiser: the config's student section.")
+
+__all__ = ["BENCHMARK", "TrainOptions", "benchmark_train", "plain_train", "run_plain", "ray_train", "steady_rate", "parse_ray_config"]

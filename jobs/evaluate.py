@@ -15,7 +15,7 @@ teacher's (higher is better) or <= 1.02x (lower is better; evaluate.tolerance). 
 import os
 
 from must_ray.cli import init_ray, job_parser, load_job_config, run_job
-from must_ray.config import ConfigError
+from must_ray.typed_config import ConfigError
 
 
 def main() -> dict:

@@ -57,6 +57,8 @@ def main() -> dict:
         raise SystemExit(1) from None
     print(f"exported {summary['images_exported']} images ({', '.join(summary['formats'])}) -> {summary['out']}",
           file=sys.stderr)
+    for task, why in summary["not_exported"].items():
+        print(f"not exported: {task} ({why})", file=sys.stderr)
     return {"job": "export_labels", **summary}
 
 

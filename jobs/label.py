@@ -13,7 +13,7 @@ change one with --set label.teachers.<task>.kind=random|checkpoint|timm|... (doc
 Rerunning the same command resumes: committed shards are kept, the rest is labelled. Bad images go
 to <output>_quarantine with a reason.
 """
-
+import json
 
 from must_ray.cli import init_ray, job_parser, load_job_config, run_job
 
@@ -41,8 +41,6 @@ def main() -> dict:
 
 
 def _yaml_str(value: str) -> str:
-    import json
-
     return json.dumps(value)  # a JSON string is a YAML string: paths with ':' or '*' stay strings
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from must_ray.cli import init_ray, job_parser, load_job_config, run_job
-from must_ray.config import ConfigError
+from must_ray.typed_config import ConfigError
 
 
 def main() -> dict:

@@ -10,17 +10,22 @@ import sys
 from pathlib import Path
 
 from must_ray.cli import init_ray, job_parser, load_job_config, run_job
+from must_ray.task_registry import registered_task_names
+from must_ray.typed_config import ConfigError
 
 
 def main() -> dict:
-    from must_ray.tasks import registered_task_names
     from must_ray.train.driver import add_train_flags, train, train_flag_overrides
 
     parser = job_parser(__doc__.splitlines()[0], "\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--task", required=True, choices=registered_task_names(), help="the teacher's task")
+    parser.add_argument("--task", required=True,
+                        help=f"the teacher's task: {', '.join(registered_task_names())}, or one of the config's "
+                             "task_modules")
     add_train_flags(parser)
     args = parser.parse_args()
-    cfg = load_job_config(args, train_flag_overrides(args, "teacher"))
+    cfg = load_job_config(args, train_flag_overrides(args, "teacher"))  # imports the config's task_modules
+    if args.task not in registered_task_names():
+        raise ConfigError(f"--task {args.task}: unknown task; known: {', '.join(registered_task_names())}")
     data = args.data or cfg.teacher.data or [str(Path(cfg.paths.resolve("world")) / f"teacher_{args.task}")]
     out = args.out or str(Path(cfg.paths.resolve("teachers")) / args.task)
     init_ray(cfg)

@@ -14,7 +14,7 @@ train split and scored on the test split. Writes transfer.json (strict JSON) and
 
 
 from must_ray.cli import init_ray, job_parser, load_job_config, run_job
-from must_ray.config import ConfigError
+from must_ray.typed_config import ConfigError
 
 
 def main() -> dict:

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from must_ray.config import Config, ConfigError, load_config
+from must_ray.config import Config, load_config
+from must_ray.storage import check_cluster_paths, check_job_output_paths, job_output_locations
+from must_ray.typed_config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo.yaml"
@@ -46,11 +48,9 @@ def load_job_config(args: argparse.Namespace, extra_overrides: Sequence[str] = (
     In a job submitted with ``ray job submit --working-dir``, relative output locations are
     refused here, before any work: they would land in Ray's temporary copy of the working dir
     (:func:`must_ray.storage.check_job_output_paths`). Checked: ``--out``/``--image-dir``,
-    ``label.output``, ``*.storage_path``, absolute ``paths.*`` and ``paths.root`` — the latter
+    ``label.output``, ``*.checkpoint.storage_path``, absolute ``paths.*`` and ``paths.root`` — the latter
     only when the job got no explicit ``--out``/``--output`` (then it writes there instead; the
     trainer checks its default checkpoint storage under ``paths.root`` itself)."""
-    from must_ray.storage import check_job_output_paths, job_output_locations
-
     cfg = load_config(args.config, list(args.overrides) + list(extra_overrides))
     locations = job_output_locations(cfg)
     if any(getattr(args, name, None) for name in ("out", "output")):
@@ -74,7 +74,6 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, **kwargs)
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
-    from must_ray.storage import check_cluster_paths  # multi-node + node-local paths -> ConfigError
 
     check_cluster_paths(cfg)
 

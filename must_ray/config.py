@@ -8,18 +8,28 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message always names the offending dotted key."""
-
+from must_ray.io import is_uri
+from must_ray.task_registry import (
+    TaskConfigs,
+    default_task_configs,
+    load_task_modules,
+    probe_task_names,
+    registered_task_names,
+)
+from must_ray.typed_config import (
+    ConfigError,
+    build_dataclass,
+    coerce_value,
+    config_to_dict,
+    deep_merge,
+    validate_tree,
+)
 
 # ----------------------------------------------------------------------------- sections
 
@@ -39,7 +49,7 @@ class PathsConfig:
     def resolve(self, name: str) -> str:
         """The full location of output ``name`` (``world``, ``teachers`` ...) under ``root``."""
         value = getattr(self, name)
-        if "://" in value or os.path.isabs(value):
+        if is_uri(value) or os.path.isabs(value):
             return value
         return os.path.join(self.root, value)
 
@@ -98,50 +108,6 @@ class WorldConfig:
 
 
 @dataclass
-class TaskConfig:
-    """Per-task knobs shared by heads, teacher adapters and metrics. Unused knobs are ignored."""
-
-    loss_weight: float = 1.0
-    # classification
-    topk: int = 5
-    temperature: float = 1.0
-    # detection
-    score_threshold: float = 0.3
-    nms_iou: float = 0.5
-    max_boxes: int = 20
-    # segmentation
-    confidence_threshold: float = 0.0  # pixels below -> ignore (255)
-    # depth
-    depth_scale: float = 0.001  # metres per uint16 unit in the table (1 mm)
-    max_depth: float = 20.0
-
-    def validate(self, key: str) -> None:
-        if self.loss_weight < 0:
-            raise ConfigError(f"{key}.loss_weight must be >= 0, got {self.loss_weight}")
-        if self.topk < 1:
-            raise ConfigError(f"{key}.topk must be >= 1, got {self.topk}")
-        if self.temperature <= 0:
-            raise ConfigError(f"{key}.temperature must be > 0, got {self.temperature}")
-        for name in ("score_threshold", "nms_iou", "confidence_threshold"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"{key}.{name} must be in [0, 1], got {v}")
-        if self.max_boxes < 1:
-            raise ConfigError(f"{key}.max_boxes must be >= 1, got {self.max_boxes}")
-        if not 0 < self.depth_scale:
-            raise ConfigError(f"{key}.depth_scale must be > 0, got {self.depth_scale}")
-        if self.max_depth <= 0 or self.max_depth / self.depth_scale > 65535:
-            raise ConfigError(
-                f"{key}.max_depth must be > 0 and fit uint16 at depth_scale "
-                f"(max_depth/depth_scale <= 65535), got {self.max_depth}/{self.depth_scale}"
-            )
-
-
-def _default_tasks() -> dict[str, TaskConfig]:
-    return {t: TaskConfig() for t in _known_tasks()}
-
-
-@dataclass
 class ModelConfig:
     """A ``MultiTaskModel``: timm backbone + FPN neck + one head per task."""
 
@@ -159,45 +125,137 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
-    """One Ray Train run (a teacher or the student): data, schedule, scaling, checkpoints."""
+class OptimizerConfig:
+    """AdamW (decay on conv/linear weights only) and gradient clipping."""
 
-    data: list[str] = field(default_factory=list)  # examples tables; [] = the pipeline's default for the role
-    tasks: list[str] = field(default_factory=list)  # [] = every task with labels in the data
-    model: ModelConfig = field(default_factory=ModelConfig)
+    lr: float = 2e-3  # peak learning rate at the run's global_batch_size
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+    def validate(self, key: str) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"{key}.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class ScheduleConfig:
+    """How long a run trains and the LR curve: linear warm-up, then cosine to 1% of the peak."""
+
     epochs: int = 10
     max_steps: Optional[int] = None  # stop after this many optimiser steps (overrides epochs)
-    global_batch_size: int = 64  # images per optimiser step over all workers
-    lr: float = 2e-3  # AdamW peak learning rate at global_batch_size
-    weight_decay: float = 0.05
     warmup_steps: int = 30
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    ema_decay: float = 0.0  # 0 = no EMA of weights
-    task_weighting: Literal["fixed", "uncertainty"] = "fixed"
-    loss_weights: dict[str, float] = field(default_factory=dict)  # this run's task weights (default tasks.<t>.loss_weight)
-    augment: bool = True
-    crop_scale_min: float = 0.6  # random crop keeps at least this fraction of the image area
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
-    channels_last: bool = True
-    num_workers: list[int] = field(default_factory=lambda: [1, 1])  # [min, max] (elastic when min < max)
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 3
-    checkpoint_every_steps: int = 100
-    num_to_keep: int = 2
-    report_every_steps: int = 10
-    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"{key}.epochs must be >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{key}.max_steps must be >= 1 or null, got {self.max_steps}")
+
+
+@dataclass
+class LossConfig:
+    """How the per-task losses add up: fixed weights, or learned ones (uncertainty, Kendall et al.)."""
+
+    weighting: Literal["fixed", "uncertainty"] = "fixed"
+    weights: dict[str, float] = field(default_factory=dict)  # this run's task weights (default tasks.<t>.loss_weight)
+
+    def validate(self, key: str) -> None:
+        for t, w in self.weights.items():
+            if t not in _known_tasks():
+                raise ConfigError(f"{key}.weights.{t}: unknown task; known: {', '.join(_known_tasks())}")
+            if w < 0:
+                raise ConfigError(f"{key}.weights.{t} must be >= 0, got {w}")
+
+
+@dataclass
+class InputConfig:
+    """The input pipeline: resolution, augmentation, and the Ray Data read / cache / shuffle / prefetch."""
+
     image_size: Optional[int] = None  # training/export resolution (square); None = world.image_size
+    augment: bool = True  # random resized crop + flip, applied to the image and every label
+    crop_scale_min: float = 0.6  # random crop keeps at least this fraction of the image area
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0 = off)
     prefetch_batches: int = 2  # batches decoded/collated ahead in Ray Data's thread pool
     read_cpus: float = 0.25  # logical CPUs each Ray Data read task reserves (fractional: never starved)
     cache_max_mb: int = 1024  # tables up to this size (and 1/4 of the object store) are held in memory across epochs
+
+    def validate(self, key: str) -> None:
+        if self.image_size is not None and not 16 <= self.image_size <= 1024:
+            raise ConfigError(f"{key}.image_size must be in [16, 1024] or null, got {self.image_size}")
+        if not 0.05 <= self.crop_scale_min <= 1.0:
+            raise ConfigError(f"{key}.crop_scale_min must be in [0.05, 1], got {self.crop_scale_min}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"{key}.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if not 0 <= self.prefetch_batches <= 16:
+            raise ConfigError(f"{key}.prefetch_batches must be in [0, 16], got {self.prefetch_batches}")
+        if self.cache_max_mb < 0:
+            raise ConfigError(f"{key}.cache_max_mb must be >= 0, got {self.cache_max_mb}")
+        if not 0 <= self.read_cpus <= 64:
+            raise ConfigError(f"{key}.read_cpus must be in [0, 64], got {self.read_cpus}")
+
+
+@dataclass
+class ScalingConfig:
+    """The worker group (``ray.train.ScalingConfig``): ``[min, max]`` workers, elastic when min < max."""
+
+    num_workers: list[int] = field(default_factory=lambda: [1, 1])
+    use_gpu: bool = False  # one GPU per worker: NCCL, bf16 autocast
+    cpus_per_worker: float = 1.0  # leave >= input.read_cpus free for the Ray Data readers
+
+    def validate(self, key: str) -> None:
+        if len(self.num_workers) != 2 or not 1 <= self.num_workers[0] <= self.num_workers[1]:
+            raise ConfigError(f"{key}.num_workers must be [min, max] with 1 <= min <= max, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"{key}.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass
+class CheckpointConfig:
+    """A run's identity and fault tolerance (``ray.train.RunConfig``): where its checkpoints live,
+    how often rank 0 writes one, how many are kept, how many restarts are allowed. Re-submitting
+    the same ``run_name`` under the same ``storage_path`` resumes the run."""
+
+    every_steps: int = 100
+    num_to_keep: int = 2
+    max_failures: int = 3  # worker-group restarts allowed (-1 = forever)
     run_name: Optional[str] = None  # Ray Train run name; None = <name>-teacher-<task> / <name>-student
     storage_path: Optional[str] = None  # Ray Train storage; None = <paths.root>/ray_results (absolute)
+
+    def validate(self, key: str) -> None:
+        for name in ("every_steps", "num_to_keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_failures < -1:
+            raise ConfigError(f"{key}.max_failures must be >= -1 (-1 = retry forever), got {self.max_failures}")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name):
+            raise ConfigError(f"{key}.run_name must be a non-empty name without '/', got {self.run_name!r}")
+
+
+@dataclass
+class TrainConfig:
+    """One Ray Train run (a teacher or the student), grouped by component (docs/training.md):
+    what it trains on and the model at the top, then the optimiser, schedule, loss, input
+    pipeline, worker group and checkpoints."""
+
+    data: list[str] = field(default_factory=list)  # examples tables; [] = the pipeline's default for the role
+    tasks: list[str] = field(default_factory=list)  # [] = every task with labels in the data
+    model: ModelConfig = field(default_factory=ModelConfig)
+    global_batch_size: int = 64  # images per optimiser step over all workers (optimizer.lr is for this batch)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema_decay: float = 0.0  # EMA of the weights (the export holds them); 0 = off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    channels_last: bool = True
+    input: InputConfig = field(default_factory=InputConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    report_every_steps: int = 10
+    seed: int = 0  # init, crops, shuffles
     # teachers only: how many teacher runs the pipeline trains at once (each its own Ray Train run of
-    # num_workers workers; the cluster must hold them side by side). The student is one run: 1.
+    # scaling.num_workers workers; the cluster must hold them side by side). The student is one run: 1.
     concurrent_runs: int = 1
-    # teachers only: per-task changes to the keys above, e.g. {classification: {max_steps: 3000}}
+    # teachers only: per-task changes to the keys above, e.g. {classification: {schedule: {max_steps: 3000}}}
     # (each teacher has its own recipe, as in the paper); see :func:`teacher_config`
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -209,49 +267,22 @@ class TrainConfig:
                 raise ConfigError(f"{key}.per_task.{task}: unknown task; known: {', '.join(_known_tasks())}")
             if "per_task" in changes or "concurrent_runs" in changes:
                 raise ConfigError(f"{key}.per_task.{task}: per_task/concurrent_runs apply to all teachers")
-            _train_config_for(self, changes, f"{key}.per_task.{task}").validate(f"{key}.per_task.{task}")
+            validate_tree(_train_config_for(self, changes, f"{key}.per_task.{task}"), f"{key}.per_task.{task}")
         if self.concurrent_runs < 1 or (key.endswith("student") and self.concurrent_runs != 1):
             raise ConfigError(f"{key}.concurrent_runs must be >= 1 (teachers) or 1 (the student is one run), "
                               f"got {self.concurrent_runs}")
-        if self.image_size is not None and not 16 <= self.image_size <= 1024:
-            raise ConfigError(f"{key}.image_size must be in [16, 1024] or null, got {self.image_size}")
-        if self.shuffle_buffer < 0:
-            raise ConfigError(f"{key}.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        if not 0 <= self.prefetch_batches <= 16:
-            raise ConfigError(f"{key}.prefetch_batches must be in [0, 16], got {self.prefetch_batches}")
-        if self.cache_max_mb < 0:
-            raise ConfigError(f"{key}.cache_max_mb must be >= 0, got {self.cache_max_mb}")
-        if not 0 <= self.read_cpus <= 64:
-            raise ConfigError(f"{key}.read_cpus must be in [0, 64], got {self.read_cpus}")
-        if self.run_name is not None and (not self.run_name or "/" in self.run_name):
-            raise ConfigError(f"{key}.run_name must be a non-empty name without '/', got {self.run_name!r}")
-        if len(self.num_workers) != 2 or not 1 <= self.num_workers[0] <= self.num_workers[1]:
-            raise ConfigError(f"{key}.num_workers must be [min, max] with 1 <= min <= max, got {self.num_workers}")
-        for name in ("epochs", "global_batch_size", "report_every_steps", "checkpoint_every_steps", "num_to_keep"):
+        for name in ("global_batch_size", "report_every_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"{key}.max_steps must be >= 1 or null, got {self.max_steps}")
-        if self.global_batch_size < self.num_workers[1]:
-            raise ConfigError(f"{key}.global_batch_size ({self.global_batch_size}) must be >= the max number of workers")
-        if self.lr <= 0:
-            raise ConfigError(f"{key}.lr must be > 0, got {self.lr}")
+        workers = self.scaling.num_workers
+        if len(workers) == 2 and self.global_batch_size < workers[1]:
+            raise ConfigError(f"{key}.global_batch_size ({self.global_batch_size}) must be >= the max number of "
+                              f"workers ({key}.scaling.num_workers {workers})")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"{key}.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 0.05 <= self.crop_scale_min <= 1.0:
-            raise ConfigError(f"{key}.crop_scale_min must be in [0.05, 1], got {self.crop_scale_min}")
-        if self.cpus_per_worker <= 0:
-            raise ConfigError(f"{key}.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        if self.max_failures < -1:
-            raise ConfigError(f"{key}.max_failures must be >= -1 (-1 = retry forever), got {self.max_failures}")
         for t in self.tasks:
             if t not in _known_tasks():
                 raise ConfigError(f"{key}.tasks: unknown task {t!r}; known: {', '.join(_known_tasks())}")
-        for t, w in self.loss_weights.items():
-            if t not in _known_tasks():
-                raise ConfigError(f"{key}.loss_weights.{t}: unknown task; known: {', '.join(_known_tasks())}")
-            if w < 0:
-                raise ConfigError(f"{key}.loss_weights.{t} must be >= 0, got {w}")
 
 
 @dataclass
@@ -382,7 +413,7 @@ class TransferConfig:
     labelled split of a domain no model trained on, scored on a held-out split of it."""
 
     domain: Literal["default", "dim", "bright", "cluttered"] = "cluttered"
-    tasks: list[str] = field(default_factory=lambda: ["classification", "segmentation", "depth", "normals"])
+    tasks: list[str] = field(default_factory=lambda: list(probe_task_names()))  # tasks with a light probe
     train_num: int = 256  # scenes of the transfer_train split (probe fitting)
     test_num: int = 128  # scenes of the transfer_test split (scoring)
     seed_offset: int = 700_000  # transfer_train scenes start here; transfer_test 50_000 later
@@ -400,9 +431,8 @@ class TransferConfig:
         for t in self.tasks:
             if t not in _known_tasks():
                 raise ConfigError(f"{key}.tasks: unknown task {t!r}; known: {', '.join(_known_tasks())}")
-            if t == "detection":
-                raise ConfigError(f"{key}.tasks: detection has no light probe; use classification, "
-                                  "segmentation, depth, normals")
+            if t not in probe_task_names():
+                raise ConfigError(f"{key}.tasks: {t} has no light probe; use {', '.join(probe_task_names())}")
         if not 4 <= self.train_num <= 50_000 or self.test_num < 1:
             raise ConfigError(f"{key}.train_num must be in [4, 50000] and test_num >= 1, "
                               f"got {self.train_num}/{self.test_num}")
@@ -434,13 +464,20 @@ class RayConfig:
 
 @dataclass
 class Config:
-    """The whole configuration of a must-ray pipeline run."""
+    """The whole configuration of a must-ray pipeline run.
+
+    ``task_modules`` names modules that define tasks outside must_ray (``[my_pkg.edges]``);
+    :func:`config_from_dict` imports them before anything else, so their tasks get defaults and
+    validation in ``tasks``, ``world.splits`` and ``label.teachers`` like the built-in ones, and Ray
+    workers, which rebuild their config from its dict, register them too. Each module must be
+    importable in every Ray process (``docs/tasks.md``)."""
 
     name: str = "must"
+    task_modules: list[str] = field(default_factory=list)  # modules with tasks outside must_ray
     paths: PathsConfig = field(default_factory=PathsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
-    tasks: dict[str, TaskConfig] = field(default_factory=_default_tasks)
+    tasks: TaskConfigs = field(default_factory=default_task_configs)  # each task's own knobs (its config_class)
     teacher: TrainConfig = field(default_factory=TrainConfig)  # each teacher's run (one task)
     student: TrainConfig = field(default_factory=TrainConfig)  # the multi-task student's run
     label: LabelConfig = field(default_factory=LabelConfig)
@@ -450,14 +487,11 @@ class Config:
     def validate(self, key: str = "") -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"name must be a non-empty string without '/', got {self.name!r}")
-        for t in self.tasks:
-            if t not in _known_tasks():
-                raise ConfigError(f"tasks.{t}: unknown task; known: {', '.join(_known_tasks())}")
 
 
 def _train_config_for(base: TrainConfig, changes: dict, key: str) -> TrainConfig:
-    merged = _deep_merge({k: v for k, v in config_to_dict(base).items() if k != "per_task"}, changes)
-    return _build(TrainConfig, merged, key)
+    merged = deep_merge({k: v for k, v in config_to_dict(base).items() if k != "per_task"}, changes)
+    return build_dataclass(TrainConfig, merged, key)
 
 
 def teacher_config(cfg: Config, task: str) -> Config:
@@ -470,100 +504,10 @@ def teacher_config(cfg: Config, task: str) -> Config:
 
 
 def _known_tasks() -> tuple[str, ...]:
-    # The registry is the source of truth; imported lazily to keep config import-light.
-    from must_ray.tasks import registered_task_names
-
     return registered_task_names()
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against type ``tp`` (recursively), converting ints to floats where a float
-    is expected and dicts to dataclasses. Raises ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
-        return _build(tp, value, key)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
-
-
-def _build(cls: type, data: dict, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(f"{key}: unknown key; valid keys here: {', '.join(sorted(names))}")
-        kwargs[k] = _coerce(v, hints[k], key)
-    obj = cls(**kwargs)
-    return obj
-
-
-def _validate_tree(obj: Any, key: str) -> None:
-    if dataclasses.is_dataclass(obj):
-        if hasattr(obj, "validate"):
-            obj.validate(key)
-        for f in dataclasses.fields(obj):
-            _validate_tree(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _validate_tree(v, f"{key}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            _validate_tree(v, f"{key}[{i}]")
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -594,44 +538,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def config_to_dict(cfg: Any) -> dict:
-    """A plain-dict (YAML/JSON-ready) copy of a config, e.g. for checkpoints and provenance."""
-    return _to_plain(cfg)
-
-
 def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build and validate a :class:`Config` from a mapping plus ``dotted.key=value`` overrides."""
     if data is not None and not isinstance(data, dict):
         raise ConfigError("the config must be a mapping at the top level")
+    parsed = [parse_override(text) for text in overrides]
+    modules = (data or {}).get("task_modules", [])
+    for key, value in parsed:
+        if key == "task_modules":
+            modules = value
+    load_task_modules(coerce_value(modules, list[str], "task_modules"))
     # YAML and overrides merge *into* the defaults (mappings key by key), so a config that tunes
     # one task's threshold keeps the other tasks, and `--set world.splits.test.num=8` works even
     # when the YAML does not mention that split.
-    merged = _deep_merge(config_to_dict(Config()), data or {})
-    for text in overrides:
-        key, value = parse_override(text)
+    merged = deep_merge(config_to_dict(Config()), data or {})
+    for key, value in parsed:
         _set_dotted(merged, key, value)
-    cfg = _build(Config, merged, "")
-    _validate_tree(cfg, "")
+    cfg = build_dataclass(Config, merged, "")
+    validate_tree(cfg, "")
     return cfg
 
 

@@ -160,21 +160,19 @@ class LabelMetrics:
         self.stage = METRICS["must_ray_label_shard_s"].metric()
         self.shards = METRICS["must_ray_label_shards_committed"].metric()
 
-    def images_labeled(self, n: int) -> None:
-        if n:
-            self.labeled.inc(n, {"output": self.output})
-
-    def images_quarantined(self, n: int, reason: str) -> None:
-        if n:
-            self.quarantined.inc(n, {"output": self.output, "reason": reason})
-
     def teacher_batch(self, teacher: str, seconds: float) -> None:
+        """One teacher's seconds on one mini-batch."""
         self.latency.observe(seconds, {"teacher": teacher})
 
-    def stage_seconds(self, stage: str, seconds: float) -> None:
-        self.stage.observe(seconds, {"stage": stage})
-
-    def shard_committed(self) -> None:
+    def shard_committed(self, rows: int, quarantined: Mapping[str, int], stage_seconds: Mapping[str, float]) -> None:
+        """One committed shard: ``rows`` written, inputs quarantined by reason, seconds per stage."""
+        if rows:
+            self.labeled.inc(rows, {"output": self.output})
+        for reason, n in quarantined.items():
+            if n:
+                self.quarantined.inc(n, {"output": self.output, "reason": reason})
+        for stage, seconds in stage_seconds.items():
+            self.stage.observe(seconds, {"stage": stage})
         self.shards.inc(1, {"output": self.output})
 
 

@@ -17,11 +17,19 @@ import os
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from must_ray.config import Config
+from must_ray.config import Config, teacher_config
+from must_ray.evaluate.run import run_evaluation
+from must_ray.evaluate.transfer import run_transfer, write_transfer
 from must_ray.io import MODEL_FILE, write_atomic
+from must_ray.label.run import label_tasks, run_labeling
+from must_ray.label.teachers import default_teacher_path
+from must_ray.train.driver import train
+from must_ray.typed_config import ConfigError
+from must_ray.world.splits import write_split
 
 
 @dataclass
@@ -38,13 +46,7 @@ class Step:
 
 def student_tasks(cfg: Config) -> list[str]:
     """Tasks of the run: the student's configured tasks, or every task that has a teacher."""
-    from must_ray.label.run import label_tasks
-
     return list(cfg.student.tasks or label_tasks(cfg))
-
-
-def teacher_model_path(cfg: Config, task: str) -> str:
-    return os.path.join(cfg.paths.resolve("teachers"), task, MODEL_FILE)
 
 
 def student_model_path(cfg: Config) -> str:
@@ -64,8 +66,6 @@ def _split_path(cfg: Config, name: str) -> str:
 
 def run_world(cfg: Config) -> dict[str, Any]:
     """Render the splits the run needs (teacher_<task>, unlabeled, test)."""
-    from must_ray.world.splits import write_split
-
     out = [write_split(cfg, name, _split_path(cfg, name)) for name in _world_splits(cfg)]
     return {"splits": {s["split"]: s["rows"] for s in out}}
 
@@ -74,16 +74,11 @@ def run_teachers(cfg: Config) -> dict[str, Any]:
     """Train one specialised teacher per task on its own labelled split, ``teacher.concurrent_runs``
     at a time (independent Ray Train runs: on a 2-core laptop two one-thread teachers use both
     cores; on a cluster each run takes its own GPU workers)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from must_ray.config import teacher_config
-    from must_ray.train.driver import train
-
     def one(task: str) -> tuple[str, dict[str, Any]]:
-        if os.path.isfile(teacher_model_path(cfg, task)):
-            return task, {"model": teacher_model_path(cfg, task), "skipped": True}
+        if os.path.isfile(default_teacher_path(cfg, task)):
+            return task, {"model": default_teacher_path(cfg, task), "skipped": True}
         data = list(teacher_config(cfg, task).teacher.data) or [_split_path(cfg, f"teacher_{task}")]
-        s = train(cfg, "teacher", data=data, tasks=[task], out_dir=os.path.dirname(teacher_model_path(cfg, task)))
+        s = train(cfg, "teacher", data=data, tasks=[task], out_dir=os.path.dirname(default_teacher_path(cfg, task)))
         return task, {"model": s["model"], "steps": s["steps"], "loss": s["loss"], "wall_s": s["wall_s"]}
 
     tasks = student_tasks(cfg)
@@ -93,21 +88,17 @@ def run_teachers(cfg: Config) -> dict[str, Any]:
 
 def run_label(cfg: Config) -> dict[str, Any]:
     """Pseudo-label the unlabelled pool with every teacher (Ray Data actors -> Parquet)."""
-    from must_ray.label.run import run_labeling
-
     s = run_labeling(cfg)
     return {k: s.get(k) for k in ("output", "rows", "quarantined", "images_per_s", "wall_s")}
 
 
 def run_student(cfg: Config) -> dict[str, Any]:
     """Train the multi-task student on the pseudo labels (plus any configured real-label tables)."""
-    from must_ray.train.driver import train
-
     data = [cfg.paths.resolve("labels")] + list(cfg.student.data)
     # The Ray Train run is named after the labels it learns from: new pseudo labels start a fresh
     # run, while a rerun on the same labels resumes (or re-exports) the existing one.
     label_token = (_read_marker(cfg, "label") or {}).get("token", "")[:8]
-    run_name = cfg.student.run_name or f"{cfg.name}-student-{label_token or 'labels'}"
+    run_name = cfg.student.checkpoint.run_name or f"{cfg.name}-student-{label_token or 'labels'}"
     s = train(cfg, "student", data=data, tasks=student_tasks(cfg), out_dir=cfg.paths.resolve("student"),
               run_name=run_name)
     return {"model": s["model"], "steps": s["steps"], "loss": s["loss"], "images_per_s": s["images_per_s"],
@@ -116,19 +107,15 @@ def run_student(cfg: Config) -> dict[str, Any]:
 
 def run_evaluate(cfg: Config) -> dict[str, Any]:
     """Score student and teachers on the test split; comparison table and pictures."""
-    from must_ray.evaluate.run import run_evaluation
-
-    teachers = {t: teacher_model_path(cfg, t) for t in student_tasks(cfg)}
+    teachers = {t: default_teacher_path(cfg, t) for t in student_tasks(cfg)}
     return run_evaluation(cfg, student=student_model_path(cfg), teachers=teachers,
                           data=[_split_path(cfg, "test")], out_dir=cfg.paths.resolve("reports"))
 
 
 def run_transfer_step(cfg: Config) -> dict[str, Any]:
     """Frozen-backbone probes on a shifted domain: student vs each teacher vs random init."""
-    from must_ray.evaluate.transfer import run_transfer, write_transfer
-
     backbones = {"student": student_model_path(cfg)}
-    backbones.update({f"teacher_{t}": teacher_model_path(cfg, t) for t in student_tasks(cfg)})
+    backbones.update({f"teacher_{t}": default_teacher_path(cfg, t) for t in student_tasks(cfg)})
     result = run_transfer(cfg, backbones)
     files = write_transfer(cfg.paths.resolve("reports"), result)
     return {"files": files, "table": result.get("table", result.get("rows"))}
@@ -140,7 +127,7 @@ def steps() -> list[Step]:
         Step("world", "render the synthetic world", run_world,
              lambda c: [_split_path(c, n) for n in _world_splits(c)]),
         Step("teachers", "train one teacher per task", run_teachers,
-             lambda c: [teacher_model_path(c, t) for t in student_tasks(c)], ("world",)),
+             lambda c: [default_teacher_path(c, t) for t in student_tasks(c)], ("world",)),
         Step("label", "pseudo-label the pool with every teacher", run_label,
              lambda c: [c.paths.resolve("labels")], ("world", "teachers")),
         Step("student", "train the multi-task student", run_student,
@@ -155,7 +142,6 @@ def steps() -> list[Step]:
 class Progress:
     """A one-screen view of the pipeline: every step with its state and time, redrawn (to stderr)
     whenever a step starts or ends."""
-
     def __init__(self, cfg: Config, names: list[str], stream=None):
         self.cfg = cfg
         self.state = {n: ("pending", "") for n in names}
@@ -213,7 +199,6 @@ def run_pipeline(cfg: Config, only: Optional[list[str]] = None, pipeline: Option
     names = [s.name for s in all_steps]
     for n in only or []:
         if n not in names:
-            from must_ray.config import ConfigError
 
             raise ConfigError(f"--only {n}: unknown step; steps: {', '.join(names)}")
     selected = [s for s in all_steps if not only or s.name in only]

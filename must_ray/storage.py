@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from must_ray.config import ConfigError
+from must_ray.typed_config import ConfigError
 
 MULTI_NODE_ENV = "MUST_RAY_MULTI_NODE"
 ALLOW_LOCAL_ENV = "MUST_RAY_ALLOW_LOCAL_PATHS"
@@ -268,9 +268,10 @@ def job_output_locations(cfg: Any) -> list[tuple[str, str]]:
     """:func:`output_locations` plus the Ray Train storage paths when they are set."""
     out = output_locations(cfg)
     for role in ("teacher", "student"):
-        storage = getattr(getattr(cfg, role, None), "storage_path", None)
+        train_cfg = getattr(cfg, role, None)
+        storage = train_cfg.checkpoint.storage_path if train_cfg is not None else None
         if storage:
-            out.append((f"{role}.storage_path", storage))
+            out.append((f"{role}.checkpoint.storage_path", storage))
     return out
 
 

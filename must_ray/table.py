@@ -116,7 +116,10 @@ def conform(table: pa.Table, task_names: Sequence[str]) -> pa.Table:
     """``table`` with exactly the base columns and ``task_names``' columns in canonical order;
     columns of absent tasks are added as all-null (so tables of different tasks can be unioned).
     Extra task columns not asked for are dropped."""
-    schema = examples_schema(task_names)
+    return _conform_to(table, examples_schema(task_names))
+
+
+def _conform_to(table: pa.Table, schema: pa.Schema) -> pa.Table:
     cols = [_column_as(table, f) for f in schema]
     return pa.Table.from_arrays(cols, schema=schema.with_metadata(table.schema.metadata))
 
@@ -145,14 +148,15 @@ def _column_as(table: pa.Table, f: pa.Field):
 class Conform:
     """Ray Data batch function: every batch gets the same columns, so tables of different tasks
     union. ``tasks``: exactly the base columns + those tasks' (:func:`conform`); ``fields``: the
-    batch's columns plus ``fields`` (:func:`with_columns`). Schema metadata is dropped."""
+    batch's columns plus ``fields`` (:func:`with_columns`). Schema metadata is dropped. The schema
+    is resolved where the object is made (the driver), so the workers need no task registry."""
 
     def __init__(self, tasks: Optional[Sequence[str]] = None, fields: Optional[Sequence[pa.Field]] = None):
-        self.tasks = None if tasks is None else list(tasks)
+        self.schema = None if tasks is None else examples_schema(tasks)
         self.fields = list(fields or [])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = conform(batch, self.tasks) if self.tasks is not None else with_columns(batch, self.fields)
+        out = _conform_to(batch, self.schema) if self.schema is not None else with_columns(batch, self.fields)
         return out.replace_schema_metadata(None)
 
 

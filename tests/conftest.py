@@ -1,5 +1,7 @@
 """Shared fixtures: one local Ray instance for the whole test session (2 CPUs, never attaching to
-a stray cluster), the demo config, and small world tables written once per session."""
+a stray cluster; its workers import from the repository root too, so task modules under tests/
+plug in there as a user's package would), the demo config, and small world tables written once per
+session."""
 from __future__ import annotations
 
 import os
@@ -23,11 +25,16 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": _worker_pythonpath()}})
     session_dir = _session_dir(ray)
     yield ray
     ray.shutdown()
     _kill_session_leftovers(session_dir)
+
+
+def _worker_pythonpath() -> str:
+    """The repository root first, then whatever this process was given."""
+    return os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 def _session_dir(ray) -> str | None:

@@ -8,8 +8,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "must_ray"
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = list(path.relative_to(package.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -17,7 +17,7 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     """``{module: modules of the package it imports}``; ``from a.b import c`` counts as an edge to
     ``a.b.c`` when that is a module, else to ``a.b``. A package's ``__init__`` is a node of its own,
     so importing ``must_ray.tasks.base`` depends on ``must_ray.tasks`` too (Python runs it first)."""
-    modules = {module_name(p): p for p in package.rglob("*.py")}
+    modules = {module_name(p, package): p for p in package.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         edges: set[str] = set()

@@ -341,9 +341,9 @@ def _demands(cfg) -> list[tuple[str, int, float, float]]:
     """``(step, max workers, CPUs each, GPUs each)`` of the Ray Train runs and labelling actors."""
     out = []
     for role in ("teacher", "student"):
-        t = getattr(cfg, role)
-        gpus = float(getattr(t, "gpus_per_worker", 1.0)) if t.use_gpu else 0.0
-        out.append((f"{role}.num_workers", int(t.num_workers[1]), float(t.cpus_per_worker), gpus))
+        scaling = getattr(cfg, role).scaling
+        gpus = float(getattr(scaling, "gpus_per_worker", 1.0)) if scaling.use_gpu else 0.0
+        out.append((f"{role}.scaling.num_workers", int(scaling.num_workers[1]), float(scaling.cpus_per_worker), gpus))
     lab = cfg.label
     out.append(("label.actors", int(lab.actors[1]), float(lab.num_cpus_per_actor), float(lab.num_gpus_per_actor)))
     return out
@@ -390,13 +390,13 @@ def test_capacity_check_catches_oversized_configs(cluster):
     _, node_types = cluster
     demo = REPO / "jobs" / "configs" / "demo.yaml"
     # the GPU settings cluster/README.md suggests fit every cluster ...
-    ok = load_config(demo, ["student.use_gpu=true", "student.num_workers=[1,8]",
+    ok = load_config(demo, ["student.scaling.use_gpu=true", "student.scaling.num_workers=[1,8]",
                             "label.num_gpus_per_actor=1", "label.actors=[1,8]"])
     assert not capacity_problems(ok, node_types)
     # ... a GPU worker count beyond the node types' max_workers x GPUs does not
-    too_many = load_config(demo, ["student.use_gpu=true", "student.num_workers=[1,1000]",
+    too_many = load_config(demo, ["student.scaling.use_gpu=true", "student.scaling.num_workers=[1,1000]",
                                   "student.global_batch_size=4096"])
-    assert any("student.num_workers" in p for p in capacity_problems(too_many, node_types))
+    assert any("student.scaling.num_workers" in p for p in capacity_problems(too_many, node_types))
     # ... nor an actor larger than every node
     too_big = load_config(demo, ["label.num_gpus_per_actor=64"])
     assert any("fits no node type" in p for p in capacity_problems(too_big, node_types))

@@ -5,11 +5,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from must_ray.config import TaskConfig
 from must_ray.images import encode_png
 from must_ray.table import rows_to_table, table_classes, table_rows, table_tasks
 from must_ray.tasks import build_tasks
 from must_ray.tasks.base import Crop
+from must_ray.tasks.depth import DepthConfig
 from must_ray.train.collate import TrainCollate, crop_image, sample_crop, split_batch
 from must_ray.train.dataset import read_tables
 
@@ -140,5 +140,5 @@ def test_read_tables_conforms_and_unions(ray_session, tmp_path):
 
 def test_collate_uses_task_configs():
     """A task's config reaches its codec (e.g. the depth scale when a row has none)."""
-    collate = TrainCollate(["depth"], 2, {"depth": TaskConfig(max_depth=50.0, depth_scale=0.002)}, image_size=16)
+    collate = TrainCollate(["depth"], 2, {"depth": DepthConfig(max_depth=50.0, depth_scale=0.002)}, image_size=16)
     assert collate.tasks["depth"].cfg.depth_scale == 0.002

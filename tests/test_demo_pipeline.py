@@ -23,11 +23,11 @@ CI_SIZED = [
     *[f"world.splits.teacher_{t}.num=512" for t in TASKS if t != "classification"],
     "world.splits.teacher_classification.num=4096",
     "world.splits.unlabeled.num=3072", "world.splits.test.num=512",
-    "teacher.max_steps=150", "teacher.warmup_steps=15", "teacher.report_every_steps=50",
-    "teacher.concurrent_runs=2", "teacher.cpus_per_worker=0.75",  # two one-thread teachers at a time
-    "teacher.per_task={classification: {max_steps: 700, global_batch_size: 64, ema_decay: 0.99, "
-    "crop_scale_min: 1.0}}",
-    "student.max_steps=400", "student.global_batch_size=64", "student.ema_decay=0.98",
+    "teacher.schedule.max_steps=150", "teacher.schedule.warmup_steps=15", "teacher.report_every_steps=50",
+    "teacher.concurrent_runs=2", "teacher.scaling.cpus_per_worker=0.75",  # two one-thread teachers at a time
+    "teacher.per_task={classification: {schedule: {max_steps: 700}, global_batch_size: 64, ema_decay: 0.99, "
+    "input: {crop_scale_min: 1.0}}}",
+    "student.schedule.max_steps=400", "student.global_batch_size=64", "student.ema_decay=0.98",
     "student.report_every_steps=100",
     "label.shard_size=1024",
     "transfer.train_num=64", "transfer.test_num=64",

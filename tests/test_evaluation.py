@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from must_ray.config import SplitConfig
+from must_ray.config import EvalConfig, SplitConfig
 from must_ray.evaluate.compare import compare, comparison_passed, passes, write_metrics
 from must_ray.evaluate.scoring import (
     BatchScorer,
@@ -83,8 +83,8 @@ def depth_model(tmp_path_factory):
 
 
 def test_random_model_ray_and_local_agree_exactly(ray_session, world_table, random_model):
-    ray_res = evaluate_model(random_model, world_table, batch_size=4, use_ray=True, actors=(1, 1))
-    local = evaluate_model(random_model, world_table, batch_size=4, use_ray=False)
+    ray_res = evaluate_model(random_model, world_table, EvalConfig(batch_size=4, use_ray=True, actors=[1, 1]))
+    local = evaluate_model(random_model, world_table, EvalConfig(batch_size=4, use_ray=False))
     assert set(ray_res["tasks"]) == set(ALL) and ray_res["rows"] == local["rows"] == 24
     for t in ALL:
         e = ray_res["tasks"][t]
@@ -100,14 +100,14 @@ def test_random_model_ray_and_local_agree_exactly(ray_session, world_table, rand
 
 
 def test_several_models_in_one_pass_match_single_runs(world_table, random_model, depth_model):
-    both = evaluate_models({"student": random_model, "teacher_depth": depth_model}, world_table, batch_size=12,
-                           use_ray=False)
-    single = evaluate_model(depth_model, world_table, batch_size=12, use_ray=False)
+    both = evaluate_models({"student": random_model, "teacher_depth": depth_model}, world_table,
+                           EvalConfig(batch_size=12, use_ray=False))
+    single = evaluate_model(depth_model, world_table, EvalConfig(batch_size=12, use_ray=False))
     assert list(both["teacher_depth"]["tasks"]) == ["depth"]
     assert both["teacher_depth"]["tasks"]["depth"]["metrics"] == single["tasks"]["depth"]["metrics"]
     assert set(both["teacher_depth"]["skipped"]) == set(ALL) - {"depth"}
     # restricting tasks
-    only = evaluate_model(random_model, world_table, tasks=["segmentation"], batch_size=12, use_ray=False)
+    only = evaluate_model(random_model, world_table, EvalConfig(tasks=["segmentation"], batch_size=12, use_ray=False))
     assert list(only["tasks"]) == ["segmentation"]
 
 
@@ -140,24 +140,24 @@ def test_perfect_predictions_give_perfect_metrics(world_table, random_model):
     assert len(per_batch) == 6  # 12-row files in batches of 5: 5, 5, 2 per file
     _assert_perfect(compute_metrics(tasks, merge_states(tasks, per_batch)))
     # (b) the whole evaluation path with an oracle scorer
-    res = evaluate_model(random_model, world_table, batch_size=5, use_ray=False, scorer=OracleScorer)
+    res = evaluate_model(random_model, world_table, EvalConfig(batch_size=5, use_ray=False), scorer=OracleScorer)
     _assert_perfect({t: e["metrics"] for t, e in res["tasks"].items()})
     assert all(e["beats_trivial"] for e in res["tasks"].values())
 
 
 def test_bad_inputs_are_rejected(world_table, random_model, tmp_path, demo_config):
     with pytest.raises(ValueError, match="unknown tasks"):
-        evaluate_model(random_model, world_table, tasks=["colour"], use_ray=False)
+        evaluate_model(random_model, world_table, EvalConfig(tasks=["colour"], use_ray=False))
     seg_only = write_world_table(demo_config, tmp_path / "seg", "teacher_segmentation", 4, ["segmentation"])
     depth_model_only = MultiTaskModel("test_resnet", build_tasks(["depth"], NUM_CATEGORIES), fpn_channels=16)
     p = save_model(str(tmp_path / "d.pt"), depth_model_only, num_classes=NUM_CATEGORIES, task_cfgs={},
                    classes=list(CATEGORIES), fpn_channels=16)
     with pytest.raises(ValueError, match="nothing to evaluate"):
-        evaluate_model(p, seg_only, use_ray=False)
+        evaluate_model(p, seg_only, EvalConfig(use_ray=False))
     wrong = save_model(str(tmp_path / "w.pt"), depth_model_only, num_classes=NUM_CATEGORIES, task_cfgs={},
                        classes=list("abcde"), fpn_channels=16)
     with pytest.raises(ValueError, match="classes"):
-        evaluate_model(wrong, world_table, use_ray=False)
+        evaluate_model(wrong, world_table, EvalConfig(use_ray=False))
 
 
 # ----------------------------------------------------------------------------- compare / metrics.json

@@ -33,11 +33,12 @@ CONTIGUOUS = {cid: i for i, cid in enumerate(sorted(COCO_IDS))}  # COCO id -> ou
 
 def world_truth(n: int = 5, offset: int = 900_000) -> list[dict]:
     """``n`` world scenes cropped to H x W, with tight pixel boxes recomputed after the crop."""
-    from must_ray.world import CATEGORIES, render_scenes
+    from must_ray.world import CATEGORIES
+    from must_ray.world.labels import render_labelled
 
     assert tuple(CATEGORIES) == NAMES
     out = []
-    for s in render_scenes(0, range(offset, offset + n), image_size=64):
+    for s in render_labelled(0, range(offset, offset + n), image_size=64):
         inst, seg = s["instances"][:H, :W], s["segmentation"][:H, :W]
         boxes, classes = [], []
         for k in np.unique(inst[inst >= 0]):
@@ -313,8 +314,8 @@ def test_voc_without_split_pairs_by_name_and_counts_unlabelled(tmp_path, truth):
 
 
 def test_depth_nyu_exact_and_kitti_within_one_unit(ray_session, truth, tmp_path):
-    from must_ray.config import TaskConfig
     from must_ray.datasets.exporters import export_labels
+    from must_ray.tasks.depth import DepthConfig
 
     nyu, kitti = {}, {}
     for i, t in enumerate(truth):
@@ -333,7 +334,7 @@ def test_depth_nyu_exact_and_kitti_within_one_unit(ray_session, truth, tmp_path)
     save_image(str(tmp_path / "rgb" / "far.png"), truth[0]["image"])
     save_image(str(tmp_path / "kitti" / "far.png"), np.full((H, W), 65535, np.uint16))  # 256 m > 65.5 m at 1 mm
 
-    cfgs = {"depth": TaskConfig(depth_scale=0.001)}
+    cfgs = {"depth": DepthConfig(depth_scale=0.001)}
     nyu_out = str(tmp_path / "nyu_table")
     s1 = import_dataset("depth", nyu_out, task_cfgs=cfgs, images=str(tmp_path / "rgb"), labels=str(tmp_path / "nyu"),
                         depth_scale=0.001)
@@ -528,9 +529,10 @@ def test_teacher_trains_on_imported_coco(coco_import, tmp_path):
     from must_ray.train.driver import train
 
     cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml", [
-        f"paths.root={tmp_path}", f"teacher.storage_path={tmp_path / 'ray_results'}", "teacher.max_steps=2",
-        "teacher.global_batch_size=4", "teacher.warmup_steps=1", "teacher.report_every_steps=1",
-        "teacher.checkpoint_every_steps=2", "teacher.image_size=32",
+        f"paths.root={tmp_path}", f"teacher.checkpoint.storage_path={tmp_path / 'ray_results'}",
+        "teacher.schedule.max_steps=2",
+        "teacher.global_batch_size=4", "teacher.schedule.warmup_steps=1", "teacher.report_every_steps=1",
+        "teacher.checkpoint.every_steps=2", "teacher.input.image_size=32",
     ])
     summary = train(cfg, "teacher", data=[coco_import["out"]], out_dir=str(tmp_path / "teacher"))
     coco_names = [NAMES[COCO_IDS.index(cid)] for cid in sorted(COCO_IDS)]
@@ -542,8 +544,8 @@ def test_teacher_trains_on_imported_coco(coco_import, tmp_path):
 
 def test_multi_node_cluster_needs_shared_locations(ray_session, monkeypatch):
     """Tasks on every node read the images and write the table: node-local paths are refused."""
-    from must_ray.config import ConfigError
     from must_ray.datasets.importers.common import check_shared_locations
+    from must_ray.typed_config import ConfigError
 
     monkeypatch.delenv("MUST_RAY_ALLOW_LOCAL_PATHS", raising=False)
     check_shared_locations([("--out", "/tmp/x")])  # one node: anything goes

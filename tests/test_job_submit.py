@@ -76,8 +76,9 @@ def student_command(root: Path, labels: Path, run: str) -> list[str]:
     return ["python", "jobs/train_student.py", "--data", str(labels), "--out", str(root / "student"),
             "--steps", str(STEPS), "--run-name", run, "--batch-size", "16", *_sets(
                 f"paths.root={root}", "world.image_size=32", "student.report_every_steps=2",
-                "student.checkpoint_every_steps=10", "student.warmup_steps=2", "student.ema_decay=0.0",
-                "student.model.fpn_channels=16", "student.cpus_per_worker=1", "student.read_cpus=0.25")]
+                "student.checkpoint.every_steps=10", "student.schedule.warmup_steps=2", "student.ema_decay=0.0",
+                "student.model.fpn_channels=16", "student.scaling.cpus_per_worker=1",
+                "student.input.read_cpus=0.25")]
 
 
 def json_lines(text: str) -> list[dict]:
@@ -242,8 +243,9 @@ def test_rayignore_keeps_environments_and_outputs_out_of_the_upload():
 
 
 def test_relative_outputs_are_refused_only_in_a_job_with_a_working_dir():
-    from must_ray.config import ConfigError, load_config
+    from must_ray.config import load_config
     from must_ray.storage import ALLOW_LOCAL_ENV, RAY_JOB_CONFIG_ENV, check_job_output_paths, job_output_locations
+    from must_ray.typed_config import ConfigError
 
     job = {RAY_JOB_CONFIG_ENV: json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0.zip"}, "metadata": {}})}
     demo = REPO / "jobs" / "configs" / "demo.yaml"
@@ -257,7 +259,8 @@ def test_relative_outputs_are_refused_only_in_a_job_with_a_working_dir():
     ok = load_config(demo, ["paths.root=/mnt/shared/run1", "label.output=s3://bucket/labels"])
     check_job_output_paths(job_output_locations(ok) + [("--out", "/abs/teacher")], job)
     for key, cfg_sets, extra in (("label.output", ["paths.root=/abs", "label.output=labels"], []),
-                                 ("student.storage_path", ["paths.root=/abs", "student.storage_path=rr"], []),
+                                 ("student.checkpoint.storage_path",
+                                  ["paths.root=/abs", "student.checkpoint.storage_path=rr"], []),
                                  ("--out", ["paths.root=/abs"], [("--out", "teacher")])):
         with pytest.raises(ConfigError, match=re.escape(key)):
             check_job_output_paths(job_output_locations(load_config(demo, cfg_sets)) + extra, job)
@@ -267,8 +270,8 @@ def test_job_config_checks_the_outputs_the_job_writes(monkeypatch):
     """load_job_config in a submitted job: paths.root counts unless an explicit --out/--output
     names the output (the README's `make_world.py --out /tmp/test_table` must pass)."""
     from must_ray.cli import job_parser, load_job_config
-    from must_ray.config import ConfigError
     from must_ray.storage import RAY_JOB_CONFIG_ENV
+    from must_ray.typed_config import ConfigError
 
     monkeypatch.setenv(RAY_JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0.zip"}}))
     parser = job_parser("test")

@@ -1,4 +1,4 @@
-"""Pseudo-labelling with Ray Data (must_ray/labeling.py, jobs/label.py): real Ray Data on the
+"""Pseudo-labelling with Ray Data (must_ray/label/, jobs/label.py): real Ray Data on the
 session's local Ray, real image files, real Parquet; the kill test SIGKILLs a real job."""
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from must_ray.config import ConfigError, load_config
+from benchmarks.label_profile import LabelProfile
+from must_ray.config import load_config
 from must_ray.images import decode_image, decode_image_rgb, resize_rgb
 from must_ray.label.inputs import list_inputs, plan_table, prepare_shard, resolve_input, shard_descriptors
 from must_ray.label.run import LabelRun, run_labeling
 from must_ray.models import MultiTaskModel, file_sha256, images_to_tensor, load_model, save_model
 from must_ray.table import read_provenance, validate_table
 from must_ray.tasks import build_tasks, registered_task_names
+from must_ray.typed_config import ConfigError
 from must_ray.world import CATEGORIES
 from tests.conftest import REPO
 
@@ -65,11 +67,12 @@ def test_label_image_files_one_row_each_and_labels_equal_the_model_outside_ray(w
     cfg = _cfg(tmp_path, f"label.teachers.classification.path={shared}", f"label.teachers.detection.path={shared}",
                "label.shard_size=8", "label.batch_size=4", "tasks.detection.score_threshold=0.05")
     png_dir = world_files / "png"
-    summary = run_labeling(cfg, str(png_dir), str(tmp_path / "labels"))
+    profile = LabelProfile()
+    summary = run_labeling(cfg, str(png_dir), str(tmp_path / "labels"), observer=profile)
 
     files = sorted(str(p) for p in png_dir.iterdir())
     assert summary["rows"] == summary["inputs"] == N_IMAGES and summary["quarantined"] == 0
-    assert summary["shards_decoded_in_actor"] == 0  # decode ran in its own tasks (not fused into the actor)
+    assert profile.figures()["shards_decoded_in_actor"] == 0  # decode ran in its own tasks (not fused into the actor)
     table = pq.read_table(tmp_path / "labels")
     assert validate_table(table) == TASKS and table.num_rows == N_IMAGES
     ids = table.column("image_id").to_pylist()
@@ -348,10 +351,10 @@ def test_listing_globs_uris_and_ids(world_files, tmp_path):
 
 def test_benchmark_label_smoke(ray_session, demo_config, tmp_path):
     """jobs/benchmark.py label's function: both sides label the same images; ratios reported."""
-    from benchmarks.label import benchmark_label
+    from benchmarks.label import LabelOptions, benchmark_label
 
     cfg = _cfg(tmp_path, "label.shard_size=8")  # no teacher files under paths.root: random teachers
-    result = benchmark_label(cfg, num_images=16, workdir=str(tmp_path / "bench"), threads=[1], repeats=1)
+    result = benchmark_label(cfg, LabelOptions(num_images=16, workdir=str(tmp_path / "bench"), threads=[1], repeats=1))
     assert result["teachers"] == {t: "random" for t in TASKS}
     assert result["plain"]["1"][0]["rows"] == result["ray"][0]["rows"] == 16
     assert result["ratio"] > 0 and result["steady_ratio"] > 0 and result["ray"][0]["shards_decoded_in_actor"] == 0

@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 
 from must_ray.images import decode_image_rgb
 from must_ray.table import decode_labels, read_provenance, validate_table
-from must_ray.tasks import registered_task_names
+from must_ray.tasks import get_task_class, registered_task_names
+from must_ray.world.labels import render_labelled
+from must_ray.world.splits import image_file_name, write_split
 from tests.conftest import REPO
 
 
@@ -36,8 +38,6 @@ def test_make_world_job_writes_identical_test_split_twice(tmp_path):
     table = pq.read_table(outs[0])
     assert table.num_rows == 64
     assert validate_table(table) == list(registered_task_names())
-    from must_ray.tasks import get_task_class
-
     for task in registered_task_names():
         assert table.column(get_task_class(task).presence_column()).null_count == 0, task
     assert len(set(table.column("image_id").to_pylist())) == 64
@@ -46,19 +46,16 @@ def test_make_world_job_writes_identical_test_split_twice(tmp_path):
 
 
 def test_write_split_matches_renderer(ray_session, demo_config, tmp_path):
-    """Rows written through Ray Data decode to exactly what the renderer produced."""
-    from must_ray.world import render_scenes
-    from must_ray.world.splits import image_file_name, write_split
-
+    """Rows written through Ray Data decode to exactly what the renderer and the task produced."""
     image_dir = tmp_path / "png"
     summary = write_split(demo_config, "teacher_segmentation", str(tmp_path / "seg"), num=10, image_dir=str(image_dir))
     assert summary["rows"] == 10
     table = pq.read_table(tmp_path / "seg")
     assert validate_table(table) == ["segmentation"]
     split = demo_config.world.splits["teacher_segmentation"]
-    scenes = render_scenes(demo_config.world.seed, [split.seed_offset + i for i in range(10)],
-                           image_size=demo_config.world.image_size, domain=split.domain,
-                           min_objects=demo_config.world.min_objects, max_objects=demo_config.world.max_objects)
+    scenes = render_labelled(demo_config.world.seed, [split.seed_offset + i for i in range(10)], ["segmentation"],
+                             image_size=demo_config.world.image_size, domain=split.domain,
+                             min_objects=demo_config.world.min_objects, max_objects=demo_config.world.max_objects)
     for row, scene in zip(table.to_pylist(), scenes):
         assert np.array_equal(decode_image_rgb(row["image"]), scene["image"])
         labels = decode_labels(row, registered_task_names())

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from must_ray.config import TaskConfig
 from must_ray.models import MultiTaskModel, images_to_tensor, load_matching_weights, load_model, save_model
 from must_ray.tasks import build_tasks, registered_task_names
+from must_ray.tasks.depth import DepthConfig
 
 
 def _model(tasks=None, **kw):
@@ -31,7 +31,7 @@ def test_forward_every_task_and_predict():
 def test_save_load_roundtrip_is_exact(tmp_path):
     torch.manual_seed(1)
     model = _model(["depth", "classification"]).eval()
-    path = save_model(str(tmp_path / "m.pt"), model, num_classes=5, task_cfgs={"depth": TaskConfig(max_depth=9.0)},
+    path = save_model(str(tmp_path / "m.pt"), model, num_classes=5, task_cfgs={"depth": DepthConfig(max_depth=9.0)},
                       classes=list("abcde"), image_size=64, fpn_channels=16)
     loaded, info = load_model(path)
     assert info["classes"] == list("abcde") and set(info["tasks"]) == {"depth", "classification"}

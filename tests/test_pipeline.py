@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from must_ray.config import ConfigError, load_config
+from must_ray.config import load_config
 from must_ray.pipeline import Step, run_pipeline, steps
+from must_ray.typed_config import ConfigError
 
 
 def _writer(name, calls):

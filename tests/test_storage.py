@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from must_ray.config import ConfigError, load_config
+from must_ray.config import load_config
 from must_ray.storage import (
     ALLOW_LOCAL_ENV,
     MULTI_NODE_ENV,
@@ -19,6 +19,7 @@ from must_ray.storage import (
     read_mounts,
     uri_scheme,
 )
+from must_ray.typed_config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"

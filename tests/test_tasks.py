@@ -14,11 +14,21 @@ import pytest
 import torch
 
 from must_ray import table as S
-from must_ray.config import TaskConfig
 from must_ray.images import encode_png
-from must_ray.tasks import build_task, get_task_class, registered_task_names
+from must_ray.tasks import (
+    TaskConfig,
+    build_task,
+    get_task_class,
+    probe_task_names,
+    register_task,
+    registered_task_names,
+)
 from must_ray.tasks.base import Crop
-from must_ray.tasks.detection import average_precision, center_heatmap, center_targets
+from must_ray.tasks.classification import ClassificationConfig
+from must_ray.tasks.depth import DepthConfig
+from must_ray.tasks.detection import DetectionConfig, average_precision, center_heatmap, center_targets
+from must_ray.tasks.segmentation import SegmentationConfig
+from must_ray.typed_config import ConfigError
 
 TASKS = ("classification", "detection", "segmentation", "depth", "normals")
 C = 3  # object categories
@@ -137,6 +147,49 @@ def test_registry_and_columns():
         assert task.primary_metric in task.metric_compute(task.metric_state())
 
 
+def test_each_task_owns_its_validated_config():
+    for name in TASKS:
+        cls = get_task_class(name)
+        assert issubclass(cls.config_class, TaskConfig) and isinstance(build_task(name, C).cfg, cls.config_class)
+    assert build_task("detection", C, {"max_boxes": 4}).cfg == DetectionConfig(max_boxes=4)
+    with pytest.raises(ConfigError, match=r"tasks\.detection\.topk: unknown key; valid keys here: loss_weight, "):
+        build_task("detection", C, {"topk": 3})
+    with pytest.raises(ConfigError, match=r"tasks\.depth: expected a mapping of DepthConfig knobs"):
+        build_task("depth", C, DetectionConfig())
+    with pytest.raises(ConfigError, match=r"tasks\.classification\.temperature must be > 0"):
+        build_task("classification", C, ClassificationConfig(temperature=0.0))
+
+
+def test_register_task_checks_the_class():
+    class Nameless(get_task_class("depth")):
+        name = ""
+
+    class NoConfig(get_task_class("depth")):
+        name = "no_config"
+        config_class = dict
+
+    for bad, why in ((Nameless, "has no name"), (NoConfig, "config_class must be a dataclass subclassing TaskConfig")):
+        with pytest.raises(ValueError, match=why):
+            register_task(bad)
+    assert "no_config" not in registered_task_names()
+
+
+def test_probe_targets_follow_each_task(tasks):
+    scene = make_scene(1)
+    assert probe_task_names() == ("classification", "segmentation", "depth", "normals")
+    assert tasks["detection"].probe is None
+    y, valid = tasks["classification"].probe_target(scene["classification"])
+    assert y.shape == (C,) and y[scene["classification"]["label"]] == 1 and y.sum() == 1 and bool(valid)
+    grid = (32, 32)  # keeps a cell of make_scene's invalid 3x3 corner
+    for name, k in (("segmentation", C + 1), ("depth", 1), ("normals", 3)):
+        y, valid = tasks[name].probe_target(tasks[name].augment(scene[name], Crop(), grid))
+        assert y.shape == (*grid, k) and valid.shape == grid and valid.dtype == bool, name
+        assert valid.any() and not valid.all(), name
+    depth = tasks["depth"].augment(scene["depth"], Crop(), grid)
+    y, valid = tasks["depth"].probe_target(depth)
+    assert np.allclose(np.exp(y[valid, 0]), depth[valid])  # the head's log-depth space
+
+
 # ----------------------------------------------------------------------------- codecs
 
 
@@ -191,7 +244,7 @@ def test_decode_accepts_numpy_lists_and_pyarrow_scalars(tasks):
     cell = tasks["segmentation"].encode(seg)["seg_png"]
     assert np.array_equal(tasks["segmentation"].decode({"seg_png": memoryview(cell)}), seg)
     # depth decodes with the row's own scale, not the decoding task's config
-    coarse = build_task("depth", C, TaskConfig(depth_scale=0.01))
+    coarse = build_task("depth", C, DepthConfig(depth_scale=0.01))
     depth = make_scene(0)["depth"]
     cells = coarse.encode(depth)
     dec = build_task("depth", 1).decode(cells)
@@ -415,7 +468,7 @@ def test_detection_predict_two_peaks():
     assert (pred["boxes"] >= 0).all() and (pred["boxes"] <= 1).all()  # clipped
 
     # at most max_boxes, best first
-    task = build_task("detection", 2, TaskConfig(max_boxes=3))
+    task = build_task("detection", 2, DetectionConfig(max_boxes=3))
     hm = torch.full((1, 2, 16, 16), -10.0)
     for i in range(6):
         hm[0, 0, 2 * i + 1, 2] = float(i)
@@ -455,7 +508,7 @@ def test_detection_targets_are_representable_small_objects(tasks):
 def test_classification_predict_temperature_topk():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 0.0]])
     for temperature, topk in ((1.0, 2), (4.0, 3), (0.5, 10)):
-        task = build_task("classification", 4, TaskConfig(temperature=temperature, topk=topk))
+        task = build_task("classification", 4, ClassificationConfig(temperature=temperature, topk=topk))
         preds = task.predict(logits, (H, W))
         for p, row in zip(preds, logits):
             k = min(topk, 4)
@@ -465,8 +518,8 @@ def test_classification_predict_temperature_topk():
             expected = torch.softmax(row / temperature, 0).sort(descending=True).values[:k].numpy()
             np.testing.assert_allclose(p["topk_probs"], expected, rtol=1e-5)
     # a higher temperature flattens the distribution
-    hot = build_task("classification", 4, TaskConfig(temperature=4.0)).predict(logits, (H, W))[0]
-    cold = build_task("classification", 4, TaskConfig(temperature=1.0)).predict(logits, (H, W))[0]
+    hot = build_task("classification", 4, ClassificationConfig(temperature=4.0)).predict(logits, (H, W))[0]
+    cold = build_task("classification", 4, ClassificationConfig(temperature=1.0)).predict(logits, (H, W))[0]
     assert hot["topk_probs"][0] < cold["topk_probs"][0]
 
 
@@ -474,12 +527,12 @@ def test_dense_predict_postprocessing():
     logits = torch.zeros(1, 3, 4, 4)
     logits[0, 1, :, :2] = 5.0  # confident class 1 on the left
     logits[0, 2, :, 2:] = 0.5  # unsure class 2 on the right (p ~ 0.45)
-    seg = build_task("segmentation", 2, TaskConfig(confidence_threshold=0.6)).predict(logits, (4, 4))[0]
+    seg = build_task("segmentation", 2, SegmentationConfig(confidence_threshold=0.6)).predict(logits, (4, 4))[0]
     assert seg.dtype == np.uint8 and (seg[:, :2] == 1).all() and (seg[:, 2:] == 255).all()
     seg = build_task("segmentation", 2).predict(logits, (8, 8))[0]  # threshold 0: no ignore
     assert seg.shape == (8, 8) and (seg[:, :3] == 1).all() and (seg[:, 5:] == 2).all()  # bilinear border
 
-    depth_task = build_task("depth", C, TaskConfig(max_depth=10.0))
+    depth_task = build_task("depth", C, DepthConfig(max_depth=10.0))
     out = torch.tensor([[[[math.log(2.0), 50.0], [-50.0, 0.0]]]])
     d = depth_task.predict(out, (2, 2))[0]
     assert d.dtype == np.float32

@@ -1,22 +1,33 @@
-"""Teacher loading and adapters (must_ray/teachers.py): our checkpoints, random teachers, and the
-off-the-shelf timm / torchvision adapters with random-init weights files written here."""
+"""Teacher loading and adapters (must_ray/label/teachers/: the kind registry and one module per
+kind): our checkpoints, random teachers, and the off-the-shelf timm / torchvision adapters with
+random-init weights files written here."""
 import numpy as np
 import pytest
 import torch
 
-from must_ray.config import ConfigError, TaskConfig, load_config
+from must_ray.config import load_config
 from must_ray.label.teachers import (
+    Teacher,
+    TeacherKind,
     TeacherSet,
-    TimmClassifierTeacher,
-    TorchvisionDetectorTeacher,
-    TorchvisionSegmenterTeacher,
-    _mapping,
+    TeacherSpec,
     default_teacher_path,
+    register_teacher_kind,
     resolve_teachers,
+    teacher_kind,
+    teacher_kind_names,
 )
+from must_ray.label.teachers.class_map import class_lut
+from must_ray.label.teachers.kinds.timm_classifier import TimmClassifierTeacher
+from must_ray.label.teachers.kinds.torchvision_detector import TorchvisionDetectorTeacher
+from must_ray.label.teachers.kinds.torchvision_segmenter import TorchvisionSegmenterTeacher
 from must_ray.models import MultiTaskModel, file_sha256, images_to_tensor, save_model
 from must_ray.table import rows_to_table, validate_table
 from must_ray.tasks import build_task, build_tasks
+from must_ray.tasks.classification import ClassificationConfig
+from must_ray.tasks.detection import DetectionConfig
+from must_ray.tasks.segmentation import SegmentationConfig
+from must_ray.typed_config import ConfigError
 from must_ray.world import CATEGORIES, render_scenes
 from tests.conftest import REPO
 
@@ -151,8 +162,8 @@ class _FakeDetector(torch.nn.Module):
 
 
 def test_detector_adapter_maps_thresholds_nms_and_normalises():
-    task = build_task("detection", 5, TaskConfig(score_threshold=0.5, nms_iou=0.5, max_boxes=10))
-    lut = _mapping({"1": 2, "3": 0}, [], 8, 5, "t")  # model class 7 is unmapped -> dropped
+    task = build_task("detection", 5, DetectionConfig(score_threshold=0.5, nms_iou=0.5, max_boxes=10))
+    lut = class_lut({"1": 2, "3": 0}, [], 8, 5, "t")  # model class 7 is unmapped -> dropped
     teacher = TorchvisionDetectorTeacher("det", _FakeDetector(), task, lut, None)
     lab = teacher.predict(torch.zeros((1, 64, 64, 3), dtype=torch.uint8))["detection"][0]
     # box 1 is NMS'd by box 0 (same class, IoU > 0.5), box 3 under the threshold, box 4 unmapped
@@ -170,14 +181,14 @@ class _FakeSegmenter(torch.nn.Module):
 
 
 def test_segmenter_adapter_maps_classes_and_ignores_low_confidence():
-    task = build_task("segmentation", 5, TaskConfig(confidence_threshold=0.5))
-    lut = _mapping({"2": 4}, [], 4, 5, "t")  # model class 2 -> our category 4 (label 5); others background
+    task = build_task("segmentation", 5, SegmentationConfig(confidence_threshold=0.5))
+    lut = class_lut({"2": 4}, [], 4, 5, "t")  # model class 2 -> our category 4 (label 5); others background
     teacher = TorchvisionSegmenterTeacher("seg", _FakeSegmenter(), task, lut, None)
     seg = teacher.predict(torch.zeros((1, 16, 16, 3), dtype=torch.uint8))["segmentation"][0]
     assert (seg[:, :8] == 5).all()
     # right half: background mass = classes 0, 1, 3 summed (unmapped -> background) > 0.5 confidence
     assert (seg[:, 8:] == 0).all()
-    strict = build_task("segmentation", 5, TaskConfig(confidence_threshold=0.99))
+    strict = build_task("segmentation", 5, SegmentationConfig(confidence_threshold=0.99))
     seg = TorchvisionSegmenterTeacher("seg", _FakeSegmenter(), strict, lut, None).predict(
         torch.zeros((1, 16, 16, 3), dtype=torch.uint8))["segmentation"][0]
     assert (seg[:, 8:] == 255).all() and (seg[:, :8] == 5).all()
@@ -188,8 +199,8 @@ def test_timm_adapter_sums_mapped_mass_into_our_classes():
         def forward(self, x):
             return torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]])).repeat(x.shape[0], 1)
 
-    task = build_task("classification", 3, TaskConfig(topk=2))
-    lut = _mapping({"0": 1, "1": 1, "3": 0}, [], 4, 3, "t")  # class 2 unmapped: its mass is dropped
+    task = build_task("classification", 3, ClassificationConfig(topk=2))
+    lut = class_lut({"0": 1, "1": 1, "3": 0}, [], 4, 3, "t")  # class 2 unmapped: its mass is dropped
     lab = TimmClassifierTeacher("c", Fake(), task, lut, (0, 0, 0), (1, 1, 1), None).predict(
         torch.zeros((2, 8, 8, 3), dtype=torch.uint8))["classification"][0]
     assert lab["label"] == 0 and lab["topk_ids"].tolist() == [0, 1]
@@ -197,14 +208,12 @@ def test_timm_adapter_sums_mapped_mass_into_our_classes():
 
 
 def test_class_map_accepts_torchvision_category_names():
-    from must_ray.label.teachers import _model_class_names
-
-    names = _model_class_names("torchvision_detector", "fasterrcnn_mobilenet_v3_large_fpn", 91)
+    names = teacher_kind("torchvision_detector").class_names("fasterrcnn_mobilenet_v3_large_fpn", 91)
     assert names[1] == "person"
-    lut = _mapping({"person": 0, "car": 2}, names, 91, 5, "t")
+    lut = class_lut({"person": 0, "car": 2}, names, 91, 5, "t")
     assert lut[1] == 0 and lut[3] == 2 and (lut >= 0).sum() == 2
     with pytest.raises(ValueError, match="neither a class id nor a known class name"):
-        _mapping({"unicorn": 0}, names, 91, 5, "t")
+        class_lut({"unicorn": 0}, names, 91, 5, "t")
 
 
 def test_off_the_shelf_config_validation(tmp_path):
@@ -215,3 +224,45 @@ def test_off_the_shelf_config_validation(tmp_path):
                "label.teachers.depth.pretrained=true")
     with pytest.raises(ConfigError, match="labels classification, not depth"):
         resolve_teachers(cfg, ["depth"], 64)
+
+
+class _ConstantDepthTeacher(Teacher):
+    def __init__(self, metres):
+        self.name, self.tasks, self.metres = "constant", ["depth"], metres
+
+    def predict(self, images):
+        return {"depth": [np.full(images.shape[1:3], self.metres, np.float32) for _ in range(images.shape[0])]}
+
+
+@register_teacher_kind
+class _ConstantDepthKind(TeacherKind):
+    """A kind registered from the tests folder: a new kind is one class, nothing under must_ray/ changes."""
+
+    name = "test_constant_depth"
+    labels = ("depth",)
+    provenance_keys = ("seed",)
+
+    def spec(self, cfg, task, tcfg, files, classes, image_size):
+        return TeacherSpec([task], self.name, "constant", cfg={"seed": tcfg.seed})
+
+    def build(self, spec, cfg, classes, image_size, device):
+        return _ConstantDepthTeacher(1.5 + spec.cfg["seed"])
+
+
+def test_a_registered_kind_labels_through_the_registry(tmp_path):
+    assert "test_constant_depth" in teacher_kind_names() and "checkpoint" in teacher_kind_names()
+    cfg = _cfg(tmp_path, "label.teachers.depth.seed=1")
+    cfg.label.teachers["depth"].kind = "test_constant_depth"  # past the config's Literal: the registry decides
+    specs, classes = resolve_teachers(cfg, ["depth"], 64)
+    assert [s.kind for s in specs] == ["test_constant_depth"] and classes == list(CATEGORIES)
+    assert specs[0].provenance()["seed"] == 1
+    labels = TeacherSet(specs, cfg, classes, 64).predict(_images(2))
+    assert len(labels["depth"]) == 2 and np.all(labels["depth"][0] == 2.5)
+    cfg.label.teachers["depth"].kind = "no_such_kind"
+    with pytest.raises(ConfigError, match="unknown teacher kind 'no_such_kind'; known: checkpoint, random"):
+        resolve_teachers(cfg, ["depth"], 64)
+    with pytest.raises(ConfigError, match="labels depth, not normals"):
+        cfg.label.teachers["normals"].kind = "test_constant_depth"
+        resolve_teachers(cfg, ["normals"], 64)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_teacher_kind(type("Other", (TeacherKind,), {"name": "test_constant_depth"}))

@@ -5,8 +5,11 @@ Parquet tables from the synthetic world, tiny models.
 pipeline's end-to-end test, tests/test_demo_pipeline.py, on the pipeline's real teachers.)
 
 * a student on a table where a task is null in every row leaves that task's head untouched;
-* a worker killed mid-run (fault injection) -> the run restarts from its last checkpoint;
+* a worker killed mid-run (a fault-injecting step hook, tests/faults.py) -> the run restarts from
+  its last checkpoint;
 * re-submitting a run with the same name resumes it;
+* a Trainer rebuilt from a checkpoint's state continues bit for bit (step, EMA, optimiser);
+* the EMA (timm's ModelEmaV3, configured) follows the warm-up formula exactly;
 * an elastic group (1, 2) completes on two CPUs; the teacher job's CLI ends with its summary line.
 """
 from __future__ import annotations
@@ -23,13 +26,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from must_ray.config import ConfigError, load_config
+from must_ray.config import load_config
 from must_ray.models import MultiTaskModel, load_model, save_model
-from must_ray.table import conform, examples_schema
+from must_ray.table import conform, examples_schema, table_classes
 from must_ray.tasks import build_tasks
-from must_ray.train.driver import CHECKPOINT_FORMAT, STATE_FILE, lr_factor, train
+from must_ray.train.checkpoint import CHECKPOINT_FORMAT, STATE_FILE
+from must_ray.train.collate import TrainCollate
+from must_ray.train.driver import train
+from must_ray.train.optim import build_ema, lr_factor
+from must_ray.train.trainer import RunSpec, Trainer
+from must_ray.typed_config import ConfigError, config_to_dict
 from must_ray.world import NUM_CATEGORIES
 from must_ray.world.splits import RenderBatch, split_provenance
+from tests import faults
 from tests.conftest import REPO
 
 CONFIG = REPO / "jobs" / "configs" / "demo.yaml"
@@ -41,13 +50,14 @@ def _fast_train_polling(monkeypatch):
     with 0.3 s (propagated from the driver's environment to the controller)."""
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
 # A short run: small model, frequent reports, one worker that leaves CPU for the data readers.
-FAST = ["model.fpn_channels=32", "warmup_steps=10", "report_every_steps=5", "checkpoint_every_steps=50",
-        "cpus_per_worker=0.8", "ema_decay=0.0", "max_failures=2", "num_workers=[1, 1]"]
+FAST = ["model.fpn_channels=32", "schedule.warmup_steps=10", "report_every_steps=5", "checkpoint.every_steps=50",
+        "scaling.cpus_per_worker=0.8", "ema_decay=0.0", "checkpoint.max_failures=2", "scaling.num_workers=[1, 1]"]
 
 
-def make_cfg(root, role="teacher", image_size=32, extra=(), **keys):
+def make_cfg(root, role="teacher", keys=None, image_size=32, extra=()):
+    """The demo config for a short run of ``role``; ``keys``: ``{dotted key under the role: value}``."""
     overrides = [f"paths.root={root}", f"world.image_size={image_size}"] + [f"{role}.{o}" for o in FAST]
-    overrides += [f"{role}.{k}={json.dumps(v) if isinstance(v, (list, str)) else v}" for k, v in keys.items()]
+    overrides += [f"{role}.{k}={json.dumps(v) if isinstance(v, (list, str)) else v}" for k, v in (keys or {}).items()]
     return load_config(CONFIG, overrides + list(extra))
 
 
@@ -82,8 +92,9 @@ def test_elastic_student_leaves_heads_of_unlabelled_tasks_untouched(ray_session,
     init = MultiTaskModel("test_resnet", build_tasks(tasks, NUM_CATEGORIES, base.tasks), fpn_channels=32)
     init_path = save_model(str(tmp_path / "init.pt"), init, num_classes=NUM_CATEGORIES, task_cfgs=base.tasks,
                            fpn_channels=32)
-    cfg = make_cfg(tmp_path, "student", max_steps=6, global_batch_size=16, ema_decay=0.9,
-                   task_weighting="uncertainty", num_workers=[1, 2], report_every_steps=3,
+    cfg = make_cfg(tmp_path, "student", {"schedule.max_steps": 6, "global_batch_size": 16, "ema_decay": 0.9,
+                                         "loss.weighting": "uncertainty", "scaling.num_workers": [1, 2],
+                                         "report_every_steps": 3},
                    extra=[f"student.model.init_checkpoint={init_path}"])
     out = tmp_path / "student"  # given as a file:// URI: outputs are staged and uploaded with pyarrow.fs
     summary = train(cfg, "student", [a, b], tasks=tasks, out_dir=f"file://{out}")
@@ -132,27 +143,28 @@ def _run_job(script, args, capsys, monkeypatch):
 
 def test_killed_worker_restarts_then_resubmitted_run_resumes(ray_session, tmp_path, small_table, capsys,
                                                               monkeypatch):
-    """(1) jobs/train_teacher.py, 10 steps, checkpoints every 4; the worker kills itself after step
-    6 (fault injection) -> Ray Train restarts the group from the step-4 checkpoint and the run
-    completes. (2) The same job re-submitted with the same --run-name and 14 steps continues from
-    step 10. (3) Reusing the name for another task is refused before any work."""
+    """(1) The teacher run of jobs/train_teacher.py (its config, called as a library), 10 steps,
+    checkpoints every 4; a step hook kills the worker after step 6 -> Ray Train restarts the
+    group from the step-4 checkpoint and the run completes. (2) The job re-submitted with the same
+    --run-name and 14 steps continues from step 10. (3) Reusing the name for another task is
+    refused before any work."""
     job = REPO / "jobs" / "train_teacher.py"
-    common = ["--task", "depth", "--data", small_table, "--batch-size", "16", "--out", tmp_path / "t",
-              "--run-name", "again", "--set", f"paths.root={tmp_path}", "--set", "world.image_size=32"] + \
-        [x for o in FAST for x in ("--set", f"teacher.{o}")] + \
-        ["--set", "teacher.report_every_steps=2", "--set", "teacher.checkpoint_every_steps=4"]
+    sets = [f"paths.root={tmp_path}", "world.image_size=32"] + [f"teacher.{o}" for o in FAST] + \
+        ["teacher.report_every_steps=2", "teacher.checkpoint.every_steps=4", "teacher.global_batch_size=16",
+         "teacher.checkpoint.run_name=again"]
     marker = tmp_path / "fault.marker"
-    monkeypatch.setenv("MUST_RAY_FAIL_AT_STEP", "6")
-    monkeypatch.setenv("MUST_RAY_FAIL_MARKER", str(marker))
-    first = _run_job(job, common + ["--steps", "10"], capsys, monkeypatch)
+    faults.shippable()
+    first = train(load_config(CONFIG, sets + ["teacher.schedule.max_steps=10"]), "teacher", [small_table],
+                  tasks=["depth"], out_dir=str(tmp_path / "t"), step_hooks=[faults.ExitAfterStep(6, str(marker))])
     assert marker.exists(), "the fault was not injected"
     assert first["steps"] == 10 and first["resumed_from"] is None and first["tasks"] == ["depth"]
     # restarted from the step-4 checkpoint (not from 0); the history is the surviving timeline
     assert [a["start_step"] for a in first["attempts"]] == [0, 4], first["attempts"]
     assert [json.loads(x)["step"] for x in open(first["metrics"])] == [2, 4, 6, 8, 10]
     assert first["checkpoint"].startswith(str(tmp_path / "ray_results" / "again"))
-    monkeypatch.delenv("MUST_RAY_FAIL_AT_STEP")
 
+    common = ["--task", "depth", "--data", small_table, "--batch-size", "16", "--out", tmp_path / "t",
+              "--run-name", "again"] + [x for o in sets for x in ("--set", o)]
     t0 = time.time()
     second = _run_job(job, common + ["--steps", "14"], capsys, monkeypatch)
     resume_wall = time.time() - t0
@@ -166,15 +178,89 @@ def test_killed_worker_restarts_then_resubmitted_run_resumes(ray_session, tmp_pa
 
     seg = world_table(load_config(CONFIG, ["world.image_size=32"]), "teacher_segmentation", tmp_path / "seg", 32)
     with pytest.raises(ConfigError, match="another --run-name"):
-        train(make_cfg(tmp_path, max_steps=8, global_batch_size=16), "teacher", [seg], out_dir=str(tmp_path / "x"),
-              run_name="again")
+        train(make_cfg(tmp_path, keys={"schedule.max_steps": 8, "global_batch_size": 16}), "teacher", [seg],
+              out_dir=str(tmp_path / "x"), run_name="again")
     # bad values of plain flags / keys fail like any config error (exit code 2, the key named)
-    bad = subprocess.run([sys.executable, str(REPO / "jobs" / "train_student.py"), "--set", "student.lr=-1"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert bad.returncode == 2 and "student.lr" in bad.stderr
+    bad = subprocess.run([sys.executable, str(REPO / "jobs" / "train_student.py"), "--set",
+                          "student.optimizer.lr=-1"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "student.optimizer.lr must be > 0" in bad.stderr
 
 
 def test_lr_schedule_is_warmup_then_cosine():
     f = [lr_factor(s, 10, 100) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] < 0.02
+
+
+# ----------------------------------------------------------------------------- the Trainer, the EMA
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_restored_trainer_continues_bit_for_bit(tmp_path):
+    """A Trainer rebuilt from a checkpoint's state (saved and loaded like ``state.pt``) stands at the
+    same step with the same EMA, optimiser and learned task weights, and its next steps give
+    exactly the weights and EMA of the Trainer that went on without a restart."""
+    names = ["classification", "depth"]
+    cfg = make_cfg(tmp_path, "student", {"schedule.max_steps": 8, "global_batch_size": 8, "ema_decay": 0.9,
+                                         "loss.weighting": "uncertainty"})
+    table = world_table(cfg, "test", tmp_path / "table", 32, tasks=names)
+    classes = table_classes([table])
+    run = RunSpec(config=config_to_dict(cfg), role="student", tasks=names, classes=classes, num_rows=32,
+                  image_size=32, run_name="restore", data=[table], experiment_dir=str(tmp_path / "run"))
+    collate = TrainCollate(names, len(classes), cfg.tasks, image_size=32, seed=0)
+    rows = conform(pq.read_table(table), names)
+    batches = [collate(rows.slice(8 * i, 8)) for i in range(4)]
+
+    going = Trainer(run)
+    going.build()
+    for batch in batches[:2]:
+        going.train_step(batch)
+    torch.save(going.state_dict(), tmp_path / STATE_FILE)
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    restored = Trainer(run)
+    restored.build(state, history=[{"step": 2}])
+    assert (restored.step, restored.epoch, restored.step_in_epoch) == (going.step, going.epoch, going.step_in_epoch)
+    assert restored.step == 2 and restored.history == [{"step": 2}]
+    assert [a["start_step"] for a in restored.attempts] == [0, 2]
+    assert _same(restored.ema.module.state_dict(), going.ema.module.state_dict())
+    assert not _same(restored.ema.module.state_dict(), restored.module.model.state_dict())  # EMA != weights
+    assert _same(restored.module.state_dict(), going.module.state_dict())
+    assert restored.scheduler.get_last_lr() == going.scheduler.get_last_lr()
+
+    for batch in batches[2:]:
+        going.train_step(batch)
+        restored.train_step(batch)
+    assert restored.step == going.step == 4
+    assert _same(restored.module.state_dict(), going.module.state_dict())
+    assert _same(restored.ema.module.state_dict(), going.ema.module.state_dict())
+    moments = [(s["exp_avg"], r["exp_avg"]) for s, r in zip(going.optimizer.state.values(),
+                                                             restored.optimizer.state.values())]
+    assert moments and all(torch.equal(a, b) for a, b in moments)
+
+
+def test_ema_is_timm_model_ema_with_the_usual_warmup():
+    """``build_ema`` (timm's ModelEmaV3, configured) = ``decay_t = min(decay, (1 + t) / (10 + t))`` bit
+    for bit over the warm-up and after it: float tensors averaged, integer buffers copied."""
+    torch.manual_seed(0)
+    model = MultiTaskModel("test_resnet", build_tasks(["depth"], NUM_CATEGORIES), fpn_channels=16)
+    assert build_ema(model, 0.0) is None
+    ema = build_ema(model, 0.95)
+    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    floats = [k for k, v in reference.items() if v.is_floating_point()]
+    assert len(floats) < len(reference), "the model has no integer buffer to check"
+    for t in range(120):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+            for b in model.buffers():
+                b.add_(torch.rand_like(b) * 0.01 if b.is_floating_point() else torch.ones_like(b))
+        ema.update(model, step=t + 1)
+        decay = min(0.95, (1.0 + t) / (10.0 + t))
+        current = model.state_dict()
+        torch._foreach_lerp_([reference[k] for k in floats], [current[k] for k in floats], 1.0 - decay)
+        for k in reference.keys() - set(floats):
+            reference[k].copy_(current[k])
+    assert _same(ema.module.state_dict(), reference)

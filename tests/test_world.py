@@ -1,5 +1,6 @@
-"""The synthetic world renderer: label forms, determinism, and that every label agrees with the
-others and with the geometry (boxes tight, segmentation inside boxes, normals = depth gradient)."""
+"""The synthetic world renderer: buffer and label forms, determinism, and that every label agrees
+with the others and with the geometry (boxes tight, segmentation inside boxes, normals = depth
+gradient). The renderer returns raw buffers only; the labels are each task's ``world_label``."""
 from __future__ import annotations
 
 import json
@@ -9,15 +10,27 @@ import time
 import numpy as np
 import pytest
 
-from must_ray.world import CATEGORIES, DOMAINS, NUM_CATEGORIES, render_batch, render_scenes, sample_scene
+from must_ray.tasks import build_tasks, registered_task_names
+from must_ray.world import (
+    CATEGORIES,
+    DOMAINS,
+    MIN_VISIBLE_PIXELS,
+    NUM_CATEGORIES,
+    render_batch,
+    render_scenes,
+    sample_scene,
+)
+from must_ray.world.labels import render_labelled, scene_labels
 
 SEED = 7
 SIZE = 64
+BUFFERS = {"image", "depth", "normals", "instances", "instance_categories", "instance_pixels", "instance_boxes",
+           "instance_visible", "meta"}
 
 
 @pytest.fixture(scope="module")
 def scenes():
-    return render_scenes(SEED, range(48), SIZE)
+    return render_labelled(SEED, range(48), image_size=SIZE)
 
 
 def _arrays(scene):
@@ -29,6 +42,18 @@ def _arrays(scene):
         elif isinstance(value, np.ndarray):
             out.append((key, value))
     return out
+
+
+def test_the_renderer_returns_raw_buffers_only():
+    for s in render_scenes(SEED, range(8), SIZE):
+        assert set(s) == BUFFERS  # no task's label: tasks derive them (Task.world_label)
+        n = s["meta"]["num_objects"]
+        assert s["instance_categories"].dtype == np.int32 and s["instance_categories"].shape == (n,)
+        assert s["instance_categories"].tolist() == [CATEGORIES.index(o["category"]) for o in s["meta"]["objects"]]
+        inst = s["instances"]
+        assert np.array_equal(s["instance_pixels"], np.bincount(inst[inst >= 0], minlength=n))
+        assert np.array_equal(s["instance_visible"], s["instance_pixels"] >= MIN_VISIBLE_PIXELS)
+        assert s["instance_boxes"].dtype == np.float32 and s["instance_boxes"].shape == (n, 4)
 
 
 def test_label_forms(scenes):
@@ -55,8 +80,9 @@ def test_label_forms(scenes):
 
 
 def test_determinism_and_batch_independence(scenes):
-    again = render_scenes(SEED, [11, 3, 40, 0], SIZE)  # other order, other batch
-    alone = render_batch([sample_scene(SEED, 40)], SIZE)  # batch of one
+    again = render_labelled(SEED, [11, 3, 40, 0], image_size=SIZE)  # other order, other batch
+    tasks = build_tasks(registered_task_names(), NUM_CATEGORIES)
+    alone = [{**b, **scene_labels(b, tasks)} for b in render_batch([sample_scene(SEED, 40)], SIZE)]  # batch of one
     for a, idx in list(zip(again, [11, 3, 40, 0])) + [(alone[0], 40)]:
         ref = scenes[idx]
         for (name, x), (_, y) in zip(_arrays(a), _arrays(ref)):

@@ -17,7 +17,8 @@ format          task            output under ``OUT/``
 ``topk-csv``    classification  ``topk.csv``: ``image_id,rank,class_id,class_name,prob``
 ==============  ==============  =============================================================
 
-``all`` exports every format whose task the table has. Rows without a label for a task (null
+``all`` exports every format whose task the table has; a task of the table that no format exports
+(e.g. a plug-in task) is named in the summary's ``not_exported``. Rows without a label for a task (null
 presence cell) are left out of that format. Files are named by :func:`file_stem` of the image id;
 ``files.csv`` maps every exported ``image_id`` to its stem, its COCO image id and the files
 written (rows with no label in any exported format are left out). Class names and COCO category
@@ -40,17 +41,26 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from PIL import Image
 
 from must_ray.datasets.importers.common import (
     DatasetError,
+    _fs_and_path,
     absolute,
     is_dir,
-    is_uri,
     join,
     list_files,
+    read_bytes,
     strip_image_ext,
     write_bytes,
 )
+from must_ray.datasets.importers.normals import CONVENTIONS, convert_rgb
+from must_ray.datasets.importers.voc import voc_palette
+from must_ray.images import decode_png, encode_png
+from must_ray.io import is_uri
+from must_ray.table import read_provenance, tasks_in_schema
 
 EXPORT_FORMATS = ("coco", "masks", "depth", "normals", "topk-csv")
 FORMAT_TASK = {"coco": "detection", "masks": "segmentation", "depth": "depth", "normals": "normals",
@@ -77,7 +87,6 @@ def file_stem(image_id: str) -> str:
 
 
 def voc_palette_flat() -> list[int]:
-    from must_ray.datasets.importers.voc import voc_palette
 
     return voc_palette().reshape(-1).tolist()
 
@@ -86,7 +95,6 @@ def voc_palette_flat() -> list[int]:
 
 
 def _table_files(table: str) -> tuple[Any, list[str]]:
-    from must_ray.datasets.importers.common import _fs_and_path
 
     fs, p = _fs_and_path(table)
     if is_dir(table):
@@ -101,7 +109,6 @@ def _table_files(table: str) -> tuple[Any, list[str]]:
 
 def _scan(table: str, columns: Sequence[str], batch_size: int = 2048) -> Iterator[list[dict[str, Any]]]:
     """Batches of row dicts with only ``columns`` (streaming; the image bytes are never read)."""
-    import pyarrow.dataset as pads
 
     fs, files = _table_files(table)
     ds = pads.dataset(files, format="parquet", filesystem=fs)
@@ -110,9 +117,7 @@ def _scan(table: str, columns: Sequence[str], batch_size: int = 2048) -> Iterato
 
 
 def _table_info(table: str) -> tuple[list[str], dict[str, Any]]:
-    import pyarrow.parquet as pq
 
-    from must_ray.table import read_provenance, tasks_in_schema
 
     fs, files = _table_files(table)
     with fs.open_input_file(files[0]) as f:
@@ -123,8 +128,6 @@ def _table_info(table: str) -> tuple[list[str], dict[str, Any]]:
 def coco_category_ids(source: str) -> dict[str, int]:
     """Class name -> COCO category id from a COCO annotation file (``categories``) or from an
     imported table's provenance (``classes`` + ``source_class_ids``)."""
-    from must_ray.datasets.importers.common import read_bytes
-    from must_ray.table import read_provenance
 
     src = absolute(source)
     if src.endswith(".json"):
@@ -237,7 +240,6 @@ def export_topk(table: str, out: str, prov: dict[str, Any], labelled: set) -> di
 def depth_units(png: bytes, row_scale: float, out_scale: float) -> tuple[np.ndarray, int]:
     """Stored depth PNG -> uint16 units at ``out_scale`` (exact copy when the scales match) and
     the number of pixels clipped at 65535."""
-    from must_ray.images import decode_png
 
     raw = decode_png(png, np.uint16)
     if abs(row_scale - out_scale) <= 1e-6 * out_scale:
@@ -252,10 +254,7 @@ def depth_units(png: bytes, row_scale: float, out_scale: float) -> tuple[np.ndar
 def write_dense_batch(batch: pa.Table, *, out: str, formats: Sequence[str], depth_scale: float,
                       normals_convention: str) -> pa.Table:
     """Ray Data batch function: write each row's dense labels as files; returns what was written."""
-    from PIL import Image
 
-    from must_ray.datasets.importers.normals import convert_rgb
-    from must_ray.images import decode_png, encode_png
 
     palette = voc_palette_flat() if "masks" in formats else None
     res: dict[str, list] = {"image_id": [], "mask": [], "depth": [], "normals": [], "depth_clipped": []}
@@ -307,6 +306,11 @@ def _export_dense(table: str, out: str, formats: Sequence[str], depth_scale: flo
 # ----------------------------------------------------------------------------- entry point
 
 
+def tasks_without_format(tasks: Sequence[str]) -> list[str]:
+    """The tasks among ``tasks`` that no export format writes."""
+    return [t for t in tasks if t not in FORMAT_TASK.values()]
+
+
 def resolve_formats(requested: Sequence[str], tasks: Sequence[str], table: str) -> list[str]:
     """``all`` -> every format the table's tasks allow; an explicit format needs its task."""
     out: list[str] = []
@@ -322,7 +326,10 @@ def resolve_formats(requested: Sequence[str], tasks: Sequence[str], table: str) 
         if fmt not in out:
             out.append(fmt)
     if not out:
-        raise DatasetError(f"{table}: nothing to export (it has no task columns)")
+        unexported = tasks_without_format(tasks)
+        why = f"no export format for {', '.join(unexported)}" if unexported else "it has no task columns"
+        raise DatasetError(f"{table}: nothing to export ({why}; formats: "
+                           f"{', '.join(f'{f} ({t})' for f, t in FORMAT_TASK.items())})")
     return out
 
 
@@ -332,7 +339,6 @@ def export_labels(table: str, out: str, formats: Sequence[str] = ("all",), *, de
     """Export ``table`` to ``out`` in ``formats`` (see the module docstring). ``coco_categories``:
     a COCO JSON or an imported table whose category ids (matched by class name) the COCO export
     uses, for tables without ``source_class_ids`` (e.g. pseudo labels). Returns a summary."""
-    from must_ray.datasets.importers.normals import CONVENTIONS
 
     if depth_scale <= 0:
         raise DatasetError(f"--depth-scale must be > 0, got {depth_scale}")
@@ -356,7 +362,8 @@ def export_labels(table: str, out: str, formats: Sequence[str] = ("all",), *, de
                 raise DatasetError(f"{table}: image ids {by_stem[s]!r} and {iid!r} both map to the file name {s!r}")
             stems[iid], by_stem[s] = s, iid
 
-    summary: dict[str, Any] = {"table": table, "out": out, "formats": fmts, "rows": len(stems)}
+    summary: dict[str, Any] = {"table": table, "out": out, "formats": fmts, "rows": len(stems),
+                               "not_exported": {t: "no export format for this task" for t in tasks_without_format(tasks)}}
     coco_ids: dict[str, int] = {}
     classified: set = set()
     category_ids = coco_category_ids(coco_categories) if coco_categories else None
@@ -393,4 +400,5 @@ def export_labels(table: str, out: str, formats: Sequence[str] = ("all",), *, de
     return summary
 
 
-__all__ = ["EXPORT_FORMATS", "FORMAT_TASK", "export_labels", "file_stem", "depth_units", "resolve_formats"]
+__all__ = ["EXPORT_FORMATS", "FORMAT_TASK", "export_labels", "file_stem", "depth_units", "resolve_formats",
+           "tasks_without_format"]

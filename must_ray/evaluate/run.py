@@ -5,17 +5,21 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 from must_ray.evaluate.compare import compare, comparison_passed, headline, write_metrics
+from must_ray.evaluate.curves import plot_curves
+from must_ray.evaluate.pictures import collect_grid_rows, render_grid
 from must_ray.evaluate.scoring import evaluate_models
 from must_ray.io import HISTORY_FILE, MODEL_FILE, strict_json
+from must_ray.label.teachers import default_teacher_path
 from must_ray.table import table_classes
 from must_ray.tasks import registered_task_names
+from must_ray.typed_config import ConfigError
 
 
 def default_models(cfg) -> tuple[Optional[str], dict[str, str]]:
     """The student and teacher model files of a pipeline run that exist on disk:
     ``<paths.root>/<paths.student>/model.pt`` and ``<paths.root>/<paths.teachers>/<task>/model.pt``."""
     student = os.path.join(cfg.paths.resolve("student"), MODEL_FILE)
-    teachers = {t: os.path.join(cfg.paths.resolve("teachers"), t, MODEL_FILE) for t in registered_task_names()}
+    teachers = {t: default_teacher_path(cfg, t) for t in registered_task_names()}
     return (student if os.path.isfile(student) else None), {t: p for t, p in teachers.items() if os.path.isfile(p)}
 
 
@@ -26,8 +30,6 @@ def teacher_name(task: str) -> str:
 def parse_named_paths(values: Optional[Sequence[str]], flag: str, need_key: bool) -> dict[str, str]:
     """``["NAME=PATH", ...]`` (job flags such as ``--teacher depth=t.pt``) -> ``{NAME: PATH}``; without
     ``need_key`` a bare ``PATH`` is named after its folder. Raises ConfigError on bad or repeated names."""
-    from must_ray.config import ConfigError
-
     out: dict[str, str] = {}
     for v in values or []:
         if "=" in v:
@@ -57,8 +59,6 @@ def models_from_flags(cfg, args) -> tuple[Optional[str], dict[str, str], dict[st
     """``(student, {task: teacher}, {name: model})`` from :func:`add_model_flags`' flags, or the
     run's own trained models when none is given. Raises ConfigError for unknown tasks, no models
     at all, or missing files (before any work starts)."""
-    from must_ray.config import ConfigError
-
     teachers = parse_named_paths(args.teacher, "--teacher", need_key=True)
     for task in teachers:
         if task not in registered_task_names():
@@ -112,10 +112,7 @@ def run_evaluation(cfg, *, student: Optional[str] = None, teachers: Optional[Map
             raise FileNotFoundError(f"{name}: model file not found: {path}")
     tables = [str(p) for p in (data or ec.data or [os.path.join(cfg.paths.resolve("world"), "test")])]
     out_dir = out_dir or cfg.paths.resolve("reports")
-    kwargs = dict(tasks=ec.tasks or None, batch_size=ec.batch_size, use_ray=ec.use_ray, actors=ec.actors,
-                  num_cpus_per_actor=ec.num_cpus_per_actor, num_gpus_per_actor=ec.num_gpus_per_actor,
-                  read_cpus=ec.read_cpus, trivial_fit_rows=ec.trivial_fit_rows)
-    results = evaluate_models(named, tables, **kwargs)
+    results = evaluate_models(named, tables, ec)
     comparison = None
     if student and teachers:
         comparison = compare(results["student"], {t: results[teacher_name(t)] for t in teachers}, ec.tolerance)
@@ -141,8 +138,6 @@ def render_pictures(out_dir: str, table: str, *, student: Optional[str] = None,
     """``grid.png`` (ground truth, the teachers' labels, the student's and other models' predictions
     on the first ``grid_images`` rows of ``table``) and ``curves.png`` (training curves from the
     ``metrics.jsonl`` beside each model file) in ``out_dir``; returns the paths written."""
-    from must_ray.evaluate.pictures import collect_grid_rows, plot_curves, render_grid
-
     sources: dict[str, Any] = {}
     if teachers:
         sources["teachers"] = [teachers[t] for t in registered_task_names() if t in teachers] + \

@@ -34,8 +34,13 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import torch
 
+from must_ray.config import EvalConfig
 from must_ray.evaluate.compare import beats
+from must_ray.images import BadImageError, decode_image, resize_rgb
+from must_ray.models import images_to_tensor, load_model
+from must_ray.models.export import file_sha256, read_model_header
 from must_ray.table import (
     Conform,
     decode_column,
@@ -44,13 +49,10 @@ from must_ray.table import (
     read_labels,
     table_classes,
     table_schema,
+    task_fields,
 )
-from must_ray.tasks import Task, registered_task_names
+from must_ray.tasks import Task, build_task, registered_task_names
 from must_ray.tasks.base import Crop, resize_nearest
-
-DEFAULT_BATCH_SIZE = 64
-TRIVIAL_FIT_ROWS = 4096
-
 
 # ----------------------------------------------------------------------------- tables (driver side)
 
@@ -97,7 +99,6 @@ class TrivialBaseline:
     batch. All built-in tasks predict one constant label (majority class, mean depth ...): it is
     kept as a template (dense templates are nearest-resized to each ground truth's size). A task whose
     trivial prediction is not constant falls back to ``trivial_prediction(batch)`` (per batch)."""
-
     def __init__(self, task: Task, fit_gts: Sequence[Any]):
         self.task = task
         gts = [g for g in fit_gts if g is not None]
@@ -127,7 +128,6 @@ class TrivialBaseline:
 
 
 def resolve_device(device: str = "auto") -> str:
-    import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -140,10 +140,7 @@ def predict_labels(model, tasks: Mapping[str, Task], images: Sequence[np.ndarray
     (bilinear) to ``input_size`` (square; ``None`` = the first image's size), the model runs once on
     the batch, and every task's ``predict`` post-processes its outputs back at each image's own size
     (so dense predictions align with that image's ground truth)."""
-    import torch
 
-    from must_ray.images import resize_rgb
-    from must_ray.models import images_to_tensor
 
     if not len(images):
         return {name: [] for name in tasks}
@@ -173,12 +170,9 @@ class BatchScorer:
 
     ``models``: ``{name: (model file, [tasks to score])}``; ``trivial``: ``{task: TrivialBaseline}``
     for the union of those tasks."""
-
     def __init__(self, models: Mapping[str, tuple[str, Sequence[str]]], trivial: Mapping[str, TrivialBaseline],
                  device: str = "cpu", num_threads: Optional[int] = None):
-        import torch
 
-        from must_ray.models import load_model
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -192,7 +186,6 @@ class BatchScorer:
         self.tasks = {t: b.task for t, b in self.trivial.items()}
 
     def score(self, batch: pa.Table) -> tuple[str, int, int, dict[str, Any]]:
-        from must_ray.images import BadImageError, decode_image
 
         ids = batch.column("image_id").to_pylist()
         images, keep = [], []
@@ -225,20 +218,6 @@ class BatchScorer:
                          "states": pa.array([pickle.dumps(states, protocol=5)], pa.binary())})
 
 
-def _model_info(model_path: str) -> dict[str, Any]:
-    """The model file's header (tasks, classes, sizes) without building the network."""
-    import torch
-
-    if not os.path.isfile(model_path):
-        raise FileNotFoundError(f"model file not found: {model_path}")
-    payload = torch.load(model_path, map_location="cpu", weights_only=True)
-    from must_ray.models.export import FORMAT
-
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{model_path} is not a must-ray model file (expected format {FORMAT!r})")
-    return {k: v for k, v in payload.items() if k != "state_dict"}
-
-
 def _default_actors(num_cpus: float, num_gpus: float) -> tuple[int, int]:
     import ray
 
@@ -251,102 +230,29 @@ def _default_actors(num_cpus: float, num_gpus: float) -> tuple[int, int]:
     return 1, max(1, most)
 
 
-def evaluate_models(models: Mapping[str, str], table_paths: str | Sequence[str],
-                    tasks: Optional[Sequence[str]] = None, batch_size: int = DEFAULT_BATCH_SIZE, use_ray: bool = True,
-                    *, actors: Optional[Sequence[int]] = None, num_cpus_per_actor: float = 1.0,
-                    num_gpus_per_actor: float = 0.0, read_cpus: float = 0.25, device: str = "auto",
-                    trivial_fit_rows: int = TRIVIAL_FIT_ROWS, scorer: type = None) -> dict[str, dict[str, Any]]:
+def evaluate_models(models: Mapping[str, str], table_paths: str | Sequence[str], ec: Optional[EvalConfig] = None,
+                    *, device: str = "auto", scorer: Optional[type] = None) -> dict[str, dict[str, Any]]:
     """Score several model files (``{name: path}``) on the examples tables in **one** pass (each
     image is read and decoded once, every model runs on it); returns ``{name: result}`` with the
-    same result as :func:`evaluate_model`. ``scorer``: the :class:`BatchScorer` class to use (a
-    subclass must be importable on the workers)."""
-    from must_ray.models import file_sha256
-    from must_ray.table import task_fields
-    from must_ray.tasks import build_task
-
+    same result as :func:`evaluate_model`. ``ec``: tasks, batch size, Ray or local, actor pool and
+    trivial-baseline settings (default ``EvalConfig()``); ``scorer``: the :class:`BatchScorer`
+    class to use (a subclass must be importable on the workers)."""
     start = time.time()
-    scorer = scorer or BatchScorer
+    ec = ec or EvalConfig()
     paths = _as_list(table_paths)
-    if not paths:
-        raise ValueError("no evaluation tables given")
-    if not models:
-        raise ValueError("no models to evaluate")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tasks is not None:
-        unknown = [t for t in tasks if t not in registered_task_names()]
-        if unknown:
-            raise ValueError(f"unknown tasks {unknown}; known: {', '.join(registered_task_names())}")
-    classes = table_classes(paths, required=False)
-    infos = {name: _model_info(str(path)) for name, path in models.items()}
-    num_classes = None
-    for name, info in infos.items():
-        if classes and info.get("classes") and list(info["classes"]) != classes:
-            raise ValueError(f"{name} ({models[name]}) was trained on classes {info['classes']} but the tables "
-                             f"have {classes}")
-        if classes and len(classes) != int(info["num_classes"]):
-            raise ValueError(f"{name} ({models[name]}) has {info['num_classes']} classes, the tables {len(classes)}")
-        if num_classes is not None and int(info["num_classes"]) != num_classes:
-            raise ValueError(f"the models disagree on the number of classes ({num_classes} vs {info['num_classes']})")
-        num_classes = int(info["num_classes"])
-
-    wanted = [t for t in registered_task_names() if tasks is None or t in tasks]
-    task_objs = {t: build_task(t, int(num_classes)) for t in wanted}
+    _check_request(models, paths, ec)
+    infos = {name: read_model_header(str(path)) for name, path in models.items()}
+    num_classes = _shared_num_classes(models, infos, table_classes(paths, required=False))
+    wanted = [t for t in registered_task_names() if not ec.tasks or t in ec.tasks]
+    task_objs = {t: build_task(t, num_classes) for t in wanted}
     counts = {t: sum(labelled_rows(p, task_objs[t].presence_column()) for p in paths) for t in wanted}
-    plan: dict[str, tuple[str, list[str]]] = {}
-    skipped: dict[str, dict[str, str]] = {}
-    for name, info in infos.items():
-        heads = list(info["tasks"])
-        skipped[name] = {}
-        scored = []
-        for t in wanted:
-            if t not in heads and counts[t]:
-                skipped[name][t] = "no head for this task in the model"
-            elif t in heads and not counts[t]:
-                skipped[name][t] = "no labels for this task in the tables"
-            elif t in heads:
-                scored.append(t)
-        if not scored:
-            raise ValueError(f"nothing to evaluate for {name}: the model has heads {heads}, the tables {paths} "
-                             f"have labels for {[t for t, n in counts.items() if n]}")
-        plan[name] = (str(models[name]), scored)
+    plan, skipped = _plan(models, infos, paths, counts)
     union = [t for t in wanted if any(t in s for _, s in plan.values())]
-    trivial = {t: TrivialBaseline(task_objs[t], read_labels(paths, task_objs[t], trivial_fit_rows)) for t in union}
+    trivial = {t: TrivialBaseline(task_objs[t], read_labels(paths, task_objs[t], ec.trivial_fit_rows)) for t in union}
     fields = task_fields(union)
     columns = ["image_id", "image"] + [f.name for f in fields]
-
-    results: list[tuple[str, dict]] = []
-    rows = bad = 0
-    if use_ray:
-        import ray
-
-        if not ray.is_initialized():
-            raise RuntimeError("evaluation with use_ray=True needs ray.init() first (jobs call must_ray.cli.init_ray)")
-        lo, hi = actors if actors else _default_actors(num_cpus_per_actor, num_gpus_per_actor)
-        parts = []
-        for p in paths:
-            present = [c for c in columns if c in table_schema(p).names]
-            ds = ray.data.read_parquet(p, columns=present, num_cpus=read_cpus)
-            parts.append(ds.map_batches(Conform(fields=fields), batch_format="pyarrow", batch_size=None, num_cpus=read_cpus))
-        ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-        threads = max(1, int(num_cpus_per_actor)) if num_gpus_per_actor <= 0 else None
-        ds = ds.map_batches(
-            scorer, fn_constructor_args=(plan, trivial, device, threads),
-            batch_size=batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=int(lo), max_size=int(hi)),
-            num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor or None,
-        )
-        for row in ds.iter_rows():
-            results.append((row["key"], pickle.loads(row["states"])))
-            rows += int(row["rows"])
-            bad += int(row["bad_images"])
-    else:
-        local = scorer(plan, trivial, device=device)
-        for batch in iter_table_batches(paths, columns, batch_size, fields):
-            key, n, b, states = local.score(batch)
-            results.append((key, states))
-            rows += n
-            bad += b
+    run = _score_with_ray if ec.use_ray else _score_locally
+    results, rows, bad = run(scorer or BatchScorer, plan, trivial, paths, columns, fields, ec, device)
 
     union_objs = {t: task_objs[t] for t in union}
     trivial_metrics = compute_metrics(union_objs, merge_states(union_objs, [(k, s["trivial"]) for k, s in results]))
@@ -355,21 +261,6 @@ def evaluate_models(models: Mapping[str, str], table_paths: str | Sequence[str],
     for name, (path, scored) in plan.items():
         objs = {t: task_objs[t] for t in scored}
         metrics = compute_metrics(objs, merge_states(objs, [(k, s["models"][name]) for k, s in results]))
-        per_task = {}
-        for t in scored:
-            task = task_objs[t]
-            value = metrics[t][task.primary_metric]
-            base = trivial_metrics[t][task.primary_metric]
-            per_task[t] = {
-                "primary_metric": task.primary_metric,
-                "higher_is_better": bool(task.higher_is_better),
-                "value": value,
-                "trivial_value": base,
-                "beats_trivial": beats(value, base, task.higher_is_better),
-                "labelled_rows": counts[t],
-                "metrics": metrics[t],
-                "trivial": trivial_metrics[t],
-            }
         out[name] = {
             "model": path,
             "name": name,
@@ -379,11 +270,11 @@ def evaluate_models(models: Mapping[str, str], table_paths: str | Sequence[str],
             "tables": paths,
             "rows": rows,
             "bad_images": bad,
-            "tasks": per_task,
+            "tasks": {t: _task_result(task_objs[t], metrics[t], trivial_metrics[t], counts[t]) for t in scored},
             "skipped": skipped[name],
             "trivial_fit": {t: {"rows": trivial[t].fit_rows, "mode": trivial[t].mode} for t in scored},
-            "batch_size": int(batch_size),
-            "use_ray": bool(use_ray),
+            "batch_size": int(ec.batch_size),
+            "use_ray": bool(ec.use_ray),
             "models_in_pass": len(plan),
             "wall_s": round(wall, 3),
             "images_per_s": round(rows / wall, 2) if wall > 0 else None,
@@ -391,26 +282,127 @@ def evaluate_models(models: Mapping[str, str], table_paths: str | Sequence[str],
     return out
 
 
-def evaluate_model(model_path: str, table_paths: str | Sequence[str], tasks: Optional[Sequence[str]] = None,
-                   batch_size: int = DEFAULT_BATCH_SIZE, use_ray: bool = True, *, name: Optional[str] = None,
-                   **kwargs: Any) -> dict[str, Any]:
+def _check_request(models: Mapping[str, str], paths: Sequence[str], ec: EvalConfig) -> None:
+    if not paths:
+        raise ValueError("no evaluation tables given")
+    if not models:
+        raise ValueError("no models to evaluate")
+    if ec.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {ec.batch_size}")
+    unknown = [t for t in ec.tasks if t not in registered_task_names()]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; known: {', '.join(registered_task_names())}")
+
+
+def _shared_num_classes(models: Mapping[str, str], infos: Mapping[str, dict], classes: Sequence[str]) -> int:
+    """The number of classes every model was trained on, checked against the tables' vocabulary."""
+    num_classes = None
+    for name, info in infos.items():
+        if classes and info.get("classes") and list(info["classes"]) != list(classes):
+            raise ValueError(f"{name} ({models[name]}) was trained on classes {info['classes']} but the tables "
+                             f"have {list(classes)}")
+        if classes and len(classes) != int(info["num_classes"]):
+            raise ValueError(f"{name} ({models[name]}) has {info['num_classes']} classes, the tables {len(classes)}")
+        if num_classes is not None and int(info["num_classes"]) != num_classes:
+            raise ValueError(f"the models disagree on the number of classes ({num_classes} vs {info['num_classes']})")
+        num_classes = int(info["num_classes"])
+    return int(num_classes)
+
+
+def _plan(models: Mapping[str, str], infos: Mapping[str, dict], paths: Sequence[str],
+          counts: Mapping[str, int]) -> tuple[dict[str, tuple[str, list[str]]], dict[str, dict[str, str]]]:
+    """``({name: (path, tasks scored)}, {name: {task: why it is skipped}})``: a task is scored when
+    the model has a head for it and the tables have labels for it."""
+    plan: dict[str, tuple[str, list[str]]] = {}
+    skipped: dict[str, dict[str, str]] = {}
+    for name, info in infos.items():
+        heads = list(info["tasks"])
+        skipped[name] = {}
+        scored = []
+        for t, n in counts.items():
+            if t not in heads and n:
+                skipped[name][t] = "no head for this task in the model"
+            elif t in heads and not n:
+                skipped[name][t] = "no labels for this task in the tables"
+            elif t in heads:
+                scored.append(t)
+        if not scored:
+            raise ValueError(f"nothing to evaluate for {name}: the model has heads {heads}, the tables {list(paths)} "
+                             f"have labels for {[t for t, n in counts.items() if n]}")
+        plan[name] = (str(models[name]), scored)
+    return plan, skipped
+
+
+def _score_with_ray(scorer: type, plan, trivial, paths, columns, fields, ec: EvalConfig, device: str):
+    """Per-batch metric states from a Ray Data pipeline: read -> conform -> scorer actor pool."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("evaluation with use_ray=True needs ray.init() first (jobs call must_ray.cli.init_ray)")
+    lo, hi = ec.actors if ec.actors else _default_actors(ec.num_cpus_per_actor, ec.num_gpus_per_actor)
+    parts = []
+    for p in paths:
+        present = [c for c in columns if c in table_schema(p).names]
+        ds = ray.data.read_parquet(p, num_cpus=ec.read_cpus).select_columns(present)
+        parts.append(ds.map_batches(Conform(fields=fields), batch_format="pyarrow", batch_size=None,
+                                    num_cpus=ec.read_cpus))
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    threads = max(1, int(ec.num_cpus_per_actor)) if ec.num_gpus_per_actor <= 0 else None
+    ds = ds.map_batches(
+        scorer, fn_constructor_args=(plan, trivial, device, threads),
+        batch_size=ec.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=int(lo), max_size=int(hi)),
+        num_cpus=ec.num_cpus_per_actor, num_gpus=ec.num_gpus_per_actor or None,
+    )
+    results, rows, bad = [], 0, 0
+    for row in ds.iter_rows():
+        results.append((row["key"], pickle.loads(row["states"])))
+        rows += int(row["rows"])
+        bad += int(row["bad_images"])
+    return results, rows, bad
+
+
+def _score_locally(scorer: type, plan, trivial, paths, columns, fields, ec: EvalConfig, device: str):
+    """The same per-batch metric states, computed in this process (small tables, debugging)."""
+    local = scorer(plan, trivial, device=device)
+    results, rows, bad = [], 0, 0
+    for batch in iter_table_batches(paths, columns, ec.batch_size, fields):
+        key, n, b, states = local.score(batch)
+        results.append((key, states))
+        rows += n
+        bad += b
+    return results, rows, bad
+
+
+def _task_result(task: Task, metrics: Mapping[str, float], trivial: Mapping[str, float], labelled: int) -> dict:
+    value = metrics[task.primary_metric]
+    base = trivial[task.primary_metric]
+    return {
+        "primary_metric": task.primary_metric,
+        "higher_is_better": bool(task.higher_is_better),
+        "value": value,
+        "trivial_value": base,
+        "beats_trivial": beats(value, base, task.higher_is_better),
+        "labelled_rows": labelled,
+        "metrics": dict(metrics),
+        "trivial": dict(trivial),
+    }
+
+
+def evaluate_model(model_path: str, table_paths: str | Sequence[str], ec: Optional[EvalConfig] = None, *,
+                   name: Optional[str] = None, device: str = "auto", scorer: Optional[type] = None) -> dict[str, Any]:
     """Score the model file ``model_path`` on the examples tables ``table_paths``.
 
     Tasks scored: those the model has a head for, the tables have labels for, and (if given) are in
-    ``tasks``; the others are listed under ``skipped`` with the reason. ``use_ray``: a Ray Data
-    pipeline with an actor pool (``actors`` = [min, max], default 1..what the cluster holds) that
-    ships only per-batch metric states to the driver; ``False``: the same scorer in this process.
-    The trivial baseline is fitted on the first ``trivial_fit_rows`` labelled rows per task (the
-    whole table when it is smaller) and scored on every row. Other keyword arguments:
-    ``actors``, ``num_cpus_per_actor``, ``num_gpus_per_actor``, ``read_cpus``, ``device``,
-    ``trivial_fit_rows`` (see :func:`evaluate_models`).
+    ``ec.tasks``; the others are listed under ``skipped`` with the reason. ``ec.use_ray``: a Ray
+    Data pipeline with an actor pool (``ec.actors`` = [min, max], default 1..what the cluster
+    holds) that ships only per-batch metric states to the driver; ``False``: the same scorer in
+    this process. The trivial baseline is fitted on the first ``ec.trivial_fit_rows`` labelled rows
+    per task (the whole table when it is smaller) and scored on every row.
 
     Returns ``{"model", "name", "sha256", "backbone", "model_tasks", "tables", "rows",
     "bad_images", "tasks": {task: {"primary_metric", "higher_is_better", "value",
     "trivial_value", "beats_trivial", "labelled_rows", "metrics", "trivial"}}, "skipped",
     "trivial_fit", "batch_size", "use_ray", "wall_s", "images_per_s"}``."""
     name = name or os.path.splitext(os.path.basename(str(model_path)))[0]
-    return evaluate_models({name: model_path}, table_paths, tasks, batch_size, use_ray, **kwargs)[name]
-
-
-# ----------------------------------------------------------------------------- the evaluate step
+    return evaluate_models({name: model_path}, table_paths, ec, device=device, scorer=scorer)[name]

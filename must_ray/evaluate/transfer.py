@@ -6,13 +6,18 @@ features are extracted **once** for a small labelled *train* split and a *test* 
 domain it was not trained on (by default the world's ``cluttered`` domain, which no model sees in
 training), and a light probe is fitted on the cached features:
 
-* **classification**: every pyramid level global-average-pooled and concatenated -> a linear
-  ridge classifier on one-hot targets (the scores are the "logits");
-* **dense tasks** (segmentation, depth, normals): all levels bilinearly resized to the finest
-  level's grid (stride 4) and concatenated per pixel -> a 1x1-conv probe (= per-pixel linear
-  ridge) to one-hot classes / log-depth / normal vectors, fitted on ``pixels_per_image`` random
-  valid pixels per image;
-* detection has no light probe (a box decoder is not a linear read-out) and is left out.
+* an **image probe** (``Task.probe == "image"``, e.g. classification): every pyramid level
+  global-average-pooled and concatenated -> a linear ridge to the task's per-image targets
+  (classification: one-hot classes, the scores read as "logits");
+* a **pixel probe** (``"pixel"``, e.g. segmentation, depth, normals): all levels bilinearly resized
+  to the finest level's grid (stride 4) and concatenated per pixel -> a 1x1-conv probe (= per-pixel
+  linear ridge) to the task's per-cell targets (one-hot classes / log-depth / normal vectors),
+  fitted on ``pixels_per_image`` random valid pixels per image;
+* a task without a light probe (``None``: detection, whose box decoder is not a linear read-out)
+  is left out.
+
+What a probe regresses is the task's own business (``Task.probe_target``, in the space of its
+head's raw outputs), so a plug-in task with a probe takes part with no change here.
 
 The ridge is closed form (float64 normal equations on standardised features), its strength picked
 from a small grid on a held-out quarter of the train images (by image), then refitted on all train
@@ -30,13 +35,23 @@ import time
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+import pyarrow.dataset as pads
 import torch
 import torch.nn.functional as F
 
-from must_ray.io import fmt_number, write_atomic
-from must_ray.tasks import Task, build_task
+from must_ray.config import SplitConfig
+from must_ray.evaluate.compare import beats
+from must_ray.evaluate.scoring import compute_metrics, score_batch
+from must_ray.images import decode_image, resize_rgb
+from must_ray.io import dumps_strict, fmt_number, md_table, write_atomic
+from must_ray.models import images_to_tensor, load_model
+from must_ray.models.export import read_model_header
+from must_ray.models.multitask import FPN, build_backbone
+from must_ray.table import decode_column, table_classes
+from must_ray.tasks import Task, build_task, get_task_class, probe_task_names
+from must_ray.tasks.base import Crop
+from must_ray.world.splits import write_split
 
-PROBE_TASKS = ("classification", "segmentation", "depth", "normals")
 DEFAULT_RIDGE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 RANDOM = "random"
 TEST_OFFSET = 50_000  # the transfer test split starts this many scenes after the train split
@@ -49,11 +64,6 @@ def load_examples(path: str, tasks: Sequence[str], limit: Optional[int] = None,
                   num_classes: int = 1) -> tuple[list[str], list[np.ndarray], dict[str, list[Any]]]:
     """``(image_ids, uint8 RGB images, {task: labels})`` of the first ``limit`` rows of an examples
     table (labels ``None`` where a row has none)."""
-    import pyarrow.dataset as pads
-
-    from must_ray.images import decode_image
-    from must_ray.table import decode_column
-
     ds = pads.dataset(str(path), format="parquet")
     objs = {t: build_task(t, num_classes) for t in tasks}
     cols = ["image_id", "image"] + [f.name for t in tasks for f in objs[t].columns() if f.name in ds.schema.names]
@@ -86,9 +96,6 @@ def load_encoder(spec: Optional[str], *, features: str = "backbone", reference: 
     ``spec``: a model file (its backbone, plus its FPN with ``features="fpn"``); ``"random"`` /
     ``None``: a random initialisation (seeded) of ``reference``'s architecture (a model file) or of
     ``"random:<timm name>"``."""
-    from must_ray.models import load_model
-    from must_ray.models.multitask import FPN, build_backbone
-
     if features not in ("backbone", "fpn"):
         raise ValueError(f"features must be 'backbone' or 'fpn', got {features!r}")
     if spec is None or spec == RANDOM or str(spec).startswith(RANDOM + ":"):
@@ -96,9 +103,7 @@ def load_encoder(spec: Optional[str], *, features: str = "backbone", reference: 
         if spec and ":" in str(spec):
             arch = str(spec).split(":", 1)[1]
         elif reference:
-            from must_ray.evaluate.scoring import _model_info
-
-            ref = _model_info(reference)
+            ref = read_model_header(reference)
             arch, fpn_channels = ref["backbone"], int(ref.get("fpn_channels", 64))
         if not arch:
             raise ValueError("a random backbone needs an architecture: 'random:<timm name>' or a reference model")
@@ -117,9 +122,6 @@ def extract_features(encoder: Encoder, images: Sequence[np.ndarray], batch_size:
                      input_size: Optional[int] = None) -> list[np.ndarray]:
     """Frozen features, one float32 array (N, C, h, w) per pyramid level; images are resized
     (bilinear) to ``input_size`` (default: the first image's size) and normalised as in training."""
-    from must_ray.images import resize_rgb
-    from must_ray.models import images_to_tensor
-
     size = int(input_size or np.asarray(images[0]).shape[0])
     levels: list[list[np.ndarray]] = []
     with torch.no_grad():
@@ -209,79 +211,79 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, groups: np.ndarray, lambdas: Sequenc
 # ----------------------------------------------------------------------------- per-task probes
 
 
-def _grid_label(task: Task, label: Any, grid: tuple[int, int]) -> Optional[np.ndarray]:
-    from must_ray.tasks.base import Crop, resize_nearest
-
-    if label is None:
-        return None
-    return resize_nearest(np.asarray(label), Crop(), grid)
+def _no_probe(name: str) -> ValueError:
+    return ValueError(f"no light probe for task {name!r}; probe tasks: {', '.join(probe_task_names())}")
 
 
-def _dense_targets(task: Task, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cell regression targets (h, w, K) and validity (h, w) of a dense label on the grid."""
-    if task.name == "segmentation":
-        k = task.num_classes + 1
-        valid = lab < k
-        onehot = np.eye(k, dtype=np.float64)[np.where(valid, lab, 0).astype(np.int64)]
-        return onehot, valid
-    if task.name == "depth":
-        d = lab.astype(np.float64)
-        valid = np.isfinite(d) & (d > 0)
-        return np.log(np.where(valid, d, 1.0))[..., None], valid
-    if task.name == "normals":
-        n = lab.astype(np.float64)
-        return n, np.linalg.norm(n, axis=-1) > 0.5
-    raise ValueError(f"no dense probe for task {task.name!r}")
+def _fit_image_probe(task: Task, train_levels: Sequence[np.ndarray], train_labels: Sequence[Any],
+                     lambdas: Sequence[float], val_fraction: float, seed: int) -> tuple[RidgeProbe, int]:
+    feats = pooled_features(train_levels)
+    rows, ys = [], []
+    for i, lab in enumerate(train_labels):
+        if lab is None:
+            continue
+        target, valid = task.probe_target(lab)
+        if bool(valid):
+            rows.append(i)
+            ys.append(target)
+    if not rows:
+        raise ValueError(f"no labelled images for {task.name} in the transfer train split")
+    return fit_ridge(feats[rows], np.stack(ys), np.asarray(rows), lambdas, val_fraction, seed), len(rows)
+
+
+def _fit_pixel_probe(task: Task, train_levels: Sequence[np.ndarray], train_labels: Sequence[Any],
+                     pixels_per_image: int, lambdas: Sequence[float], val_fraction: float,
+                     seed: int) -> tuple[RidgeProbe, int]:
+    rng = np.random.default_rng(seed)
+    feats = dense_features(train_levels)
+    grid = feats.shape[1:3]
+    xs, ys, gs = [], [], []
+    for i, lab in enumerate(train_labels):
+        if lab is None:
+            continue
+        target, valid = task.probe_target(task.augment(lab, Crop(), grid))
+        cells = np.flatnonzero(valid.reshape(-1))
+        if not len(cells):
+            continue
+        take = cells if len(cells) <= pixels_per_image else rng.choice(cells, pixels_per_image, replace=False)
+        xs.append(feats[i].reshape(-1, feats.shape[-1])[take])
+        ys.append(target.reshape(len(valid.reshape(-1)), -1)[take])
+        gs.append(np.full(len(take), i))
+    if not xs:
+        raise ValueError(f"no labelled pixels for {task.name} in the transfer train split")
+    probe = fit_ridge(np.concatenate(xs), np.concatenate(ys), np.concatenate(gs), lambdas, val_fraction, seed)
+    return probe, int(sum(len(x) for x in xs))
+
+
+def _pixel_predictions(task: Task, probe: RidgeProbe, test_levels: Sequence[np.ndarray],
+                       test_sizes: Sequence[tuple[int, int]]) -> list[Any]:
+    out = probe.predict(dense_features(test_levels))  # (N, h, w, K)
+    raw = torch.from_numpy(out.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+    preds: list[Any] = [None] * len(test_sizes)
+    for hw in sorted(set(test_sizes)):
+        idx = [i for i, s in enumerate(test_sizes) if s == hw]
+        for i, p in zip(idx, task.predict(raw[idx], hw)):
+            preds[i] = p
+    return preds
 
 
 def probe_task(task: Task, train_levels: Sequence[np.ndarray], train_labels: Sequence[Any],
                test_levels: Sequence[np.ndarray], test_labels: Sequence[Any], test_sizes: Sequence[tuple[int, int]],
                *, pixels_per_image: int = 64, lambdas: Sequence[float] = DEFAULT_RIDGE, val_fraction: float = 0.25,
                seed: int = 0) -> dict[str, Any]:
-    """Fit ``task``'s probe on the train features/labels and score it on the test split with the
-    task's metric. Returns ``{"metrics", "value", "lambda", "train_samples"}``."""
-    from must_ray.evaluate.scoring import compute_metrics, score_batch
-
-    rng = np.random.default_rng(seed)
-    if task.name == "classification":
-        feats = pooled_features(train_levels)
-        rows = [i for i, lab in enumerate(train_labels) if lab is not None]
-        y = np.zeros((len(rows), task.num_classes))
-        for j, i in enumerate(rows):
-            y[j, int(train_labels[i]["label"])] = 1.0
-        probe = fit_ridge(feats[rows], y, np.asarray(rows), lambdas, val_fraction, seed)
+    """Fit ``task``'s probe (``task.probe``: image or pixel, regressing ``task.probe_target``) on
+    the train features/labels, turn its outputs into labels with ``task.predict`` and score them
+    on the test split with the task's metric. Returns ``{"metrics", "value", "lambda", "train_samples"}``."""
+    if task.probe == "image":
+        probe, samples = _fit_image_probe(task, train_levels, train_labels, lambdas, val_fraction, seed)
         logits = torch.from_numpy(probe.predict(pooled_features(test_levels)).astype(np.float32))
         preds = task.predict(logits, test_sizes[0]) if len(logits) else []
-        samples = len(rows)
-    elif task.name in ("segmentation", "depth", "normals"):
-        feats = dense_features(train_levels)
-        grid = feats.shape[1:3]
-        xs, ys, gs = [], [], []
-        for i, lab in enumerate(train_labels):
-            g = _grid_label(task, lab, grid)
-            if g is None:
-                continue
-            target, valid = _dense_targets(task, g)
-            cells = np.flatnonzero(valid.reshape(-1))
-            if not len(cells):
-                continue
-            take = cells if len(cells) <= pixels_per_image else rng.choice(cells, pixels_per_image, replace=False)
-            xs.append(feats[i].reshape(-1, feats.shape[-1])[take])
-            ys.append(target.reshape(len(valid.reshape(-1)), -1)[take])
-            gs.append(np.full(len(take), i))
-        if not xs:
-            raise ValueError(f"no labelled pixels for {task.name} in the transfer train split")
-        probe = fit_ridge(np.concatenate(xs), np.concatenate(ys), np.concatenate(gs), lambdas, val_fraction, seed)
-        out = probe.predict(dense_features(test_levels))  # (N, h, w, K)
-        raw = torch.from_numpy(out.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
-        preds = [None] * len(test_labels)
-        for hw in sorted(set(test_sizes)):
-            idx = [i for i, s in enumerate(test_sizes) if s == hw]
-            for i, p in zip(idx, task.predict(raw[idx], hw)):
-                preds[i] = p
-        samples = int(sum(len(x) for x in xs))
+    elif task.probe == "pixel":
+        probe, samples = _fit_pixel_probe(task, train_levels, train_labels, pixels_per_image, lambdas,
+                                          val_fraction, seed)
+        preds = _pixel_predictions(task, probe, test_levels, test_sizes)
     else:
-        raise ValueError(f"no light probe for task {task.name!r}; probe tasks: {', '.join(PROBE_TASKS)}")
+        raise _no_probe(task.name)
     tasks = {task.name: task}
     metrics = compute_metrics(tasks, score_batch(tasks, {task.name: preds}, {task.name: list(test_labels)}))[task.name]
     return {"metrics": metrics, "value": metrics[task.primary_metric], "lambda": probe.lam, "train_samples": samples}
@@ -300,13 +302,12 @@ def transfer_evaluate(backbones: Mapping[str, Optional[str]], train_table: str, 
     "random:<timm name>"}``; a bare ``"random"`` copies the architecture of the first model file),
     fit each task's probe on ``train_table`` and score it on ``test_table``.
 
-    ``tasks``: default every :data:`PROBE_TASKS` task with labels in both tables. Returns
+    ``tasks``: default every registered task with a light probe (``Task.probe``) and labels in
+    both tables. Returns
     ``{"tasks", "columns": {task: primary metric}, "higher_is_better": {task: bool}, "rows": [{
     "backbone", "source", "values": {task: primary}, "metrics": {task: {...}}, "lambda",
     "extract_s"}], "best": {task: row name}, "train_table", "test_table", "train_rows",
     "test_rows", "probe": {...}, "wall_s"}``."""
-    from must_ray.evaluate.scoring import table_classes
-
     start = time.time()
     if not backbones:
         raise ValueError("transfer_evaluate needs at least one backbone")
@@ -315,10 +316,10 @@ def transfer_evaluate(backbones: Mapping[str, Optional[str]], train_table: str, 
         if not classes:
             raise ValueError("the transfer tables record no class vocabulary; pass num_classes")
         num_classes = len(classes)
-    wanted = list(tasks) if tasks is not None else list(PROBE_TASKS)
+    wanted = list(tasks) if tasks is not None else list(probe_task_names())
     for t in wanted:
-        if t not in PROBE_TASKS:
-            raise ValueError(f"no light probe for task {t!r}; probe tasks: {', '.join(PROBE_TASKS)}")
+        if not get_task_class(t).probe:
+            raise _no_probe(t)
     _, train_images, train_labels = load_examples(train_table, wanted, max_train, num_classes)
     _, test_images, test_labels = load_examples(test_table, wanted, max_test, num_classes)
     probed = [t for t in wanted if any(lab is not None for lab in train_labels[t])
@@ -371,8 +372,6 @@ def transfer_evaluate(backbones: Mapping[str, Optional[str]], train_table: str, 
 
 def beats_all(result: Mapping[str, Any], name: str, against: Optional[Sequence[str]] = None) -> dict[str, bool]:
     """Per task: does row ``name`` strictly beat every row in ``against`` (default: every other row)?"""
-    from must_ray.evaluate.scoring import beats
-
     rows = {r["backbone"]: r for r in result["rows"]}
     if name not in rows:
         raise KeyError(f"no transfer row named {name!r}; rows: {list(rows)}")
@@ -395,8 +394,6 @@ def student_vs_teachers(result: Mapping[str, Any]) -> Optional[dict[str, bool]]:
 def transfer_markdown(result: Mapping[str, Any]) -> str:
     """The transfer table as Markdown (rows = backbones, columns = each task's primary metric, the
     best value per column in bold)."""
-    from must_ray.io import md_table
-
     tasks = result["tasks"]
     header = ["backbone"] + [f"{t} {result['columns'][t]} {'↑' if result['higher_is_better'][t] else '↓'}"
                              for t in tasks]
@@ -424,8 +421,6 @@ def transfer_markdown(result: Mapping[str, Any]) -> str:
 
 def write_transfer(out_dir: str, result: Mapping[str, Any]) -> dict[str, str]:
     """Write ``<out_dir>/transfer.json`` (strict JSON) and ``<out_dir>/transfer.md``."""
-    from must_ray.io import dumps_strict
-
     json_path = os.path.join(out_dir, "transfer.json")
     md_path = os.path.join(out_dir, "transfer.md")
     payload = dict(result, student_beats_teachers=student_vs_teachers(result))
@@ -441,8 +436,6 @@ def transfer_splits(cfg) -> dict[str, Any]:
     """The two world splits of ``cfg.transfer`` (``transfer_train``, ``transfer_test``) as
     :class:`~must_ray.config.SplitConfig`: the configured domain, disjoint seed offsets, ground truth
     of the probed tasks. A split of that name in ``cfg.world.splits`` wins."""
-    from must_ray.config import SplitConfig
-
     tc = cfg.transfer
     out = {}
     for name, num, offset in (("transfer_train", tc.train_num, tc.seed_offset),
@@ -455,7 +448,6 @@ def transfer_splits(cfg) -> dict[str, Any]:
 def make_transfer_tables(cfg, out_dir: Optional[str] = None) -> dict[str, str]:
     """Render the transfer splits (:func:`transfer_splits`) as examples tables under ``out_dir``
     (default ``<paths.root>/<paths.world>``) with Ray Data; returns ``{"train": path, "test": path}``."""
-    from must_ray.world.splits import write_split
 
     out_dir = out_dir or cfg.paths.resolve("world")
     c = copy.deepcopy(cfg)
@@ -487,7 +479,7 @@ def run_transfer(cfg, backbones: Mapping[str, Optional[str]], train_table: Optio
 
 
 __all__ = [
-    "PROBE_TASKS", "Encoder", "RidgeProbe", "beats_all", "dense_features", "extract_features", "fit_ridge",
+    "Encoder", "RidgeProbe", "beats_all", "dense_features", "extract_features", "fit_ridge",
     "load_encoder", "load_examples", "make_transfer_tables", "pooled_features", "probe_task", "run_transfer",
     "transfer_evaluate", "transfer_markdown", "transfer_splits", "write_transfer",
 ]

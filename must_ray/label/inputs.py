@@ -38,9 +38,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from must_ray.config import Config, ConfigError
+from must_ray.config import Config
 from must_ray.images import BadImageError, decode_image, encode_png, resize_rgb
+from must_ray.typed_config import ConfigError
+from must_ray.world import render_scenes
+from must_ray.world.splits import WORLD_SOURCE, image_id_for
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GLOB_CHARS = set("*?[")
@@ -52,7 +57,6 @@ GLOB_CHARS = set("*?[")
 def filesystem_for(uri: str):
     """``(pyarrow filesystem, path inside it, id prefix)`` for a local path or a URI. Ids of files
     are ``prefix + path``: the plain absolute path locally, ``scheme://path`` elsewhere."""
-    import pyarrow.fs as pafs
 
     if "://" in uri and not uri.startswith("file://"):
         fs, path = pafs.FileSystem.from_uri(uri)
@@ -87,7 +91,6 @@ class LabelInput:
 def resolve_input(cfg: Config, input_uri: Optional[str]) -> LabelInput:
     """Work out what ``input_uri`` is (see the module docstring). Raises :class:`ConfigError` for
     inputs that do not exist or hold nothing to label."""
-    import pyarrow.fs as pafs
 
     if input_uri is None:
         table = cfg.paths.resolve("world")
@@ -140,14 +143,12 @@ def _ext(path: str) -> str:
 
 
 def _list(fs, root: str):
-    import pyarrow.fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     return [i for i in infos if i.type == pafs.FileType.File and not _hidden(i.path[len(root):])]
 
 
 def _parquet_files(fs, root: str) -> list[str]:
-    import pyarrow.fs as pafs
 
     if fs.get_file_info(root).type == pafs.FileType.File:
         return [root]
@@ -173,7 +174,6 @@ class Listing:
 def list_inputs(cfg: Config, inp: LabelInput) -> Listing:
     """List ``inp`` (metadata only: paths and sizes, or the ``image_id`` column of a table)."""
     if inp.kind == "world":
-        from must_ray.world.splits import image_id_for
 
         split = cfg.world.splits[inp.split]
         idx = [split.seed_offset + i for i in range(split.num)]
@@ -181,7 +181,6 @@ def list_inputs(cfg: Config, inp: LabelInput) -> Listing:
 
     fs = inp.filesystem
     if inp.kind == "files":
-        import pyarrow.fs as pafs
 
         if inp.pattern is None and fs.get_file_info(inp.root).type == pafs.FileType.File:
             infos = [fs.get_file_info(inp.root)]
@@ -195,7 +194,6 @@ def list_inputs(cfg: Config, inp: LabelInput) -> Listing:
         return Listing([inp.prefix + i.path for i in keep], [i.path for i in keep],
                        [int(i.size if i.size is not None else -1) for i in keep], [0] * len(keep), ignored)
 
-    import pyarrow.parquet as pq
 
     files = _parquet_files(fs, inp.root)
     if not files:
@@ -280,7 +278,6 @@ class PrepareContext:
 
 
 def make_prepare_context(cfg: Config, inp: LabelInput, image_size: int) -> PrepareContext:
-    from must_ray.world.splits import WORLD_SOURCE
 
     world = split = None
     source = inp.uri
@@ -382,7 +379,6 @@ def prepare_shard(desc: dict[str, Any], ctx: PrepareContext) -> PreparedShard:
             reason[i], detail[i] = exc.reason, exc.detail[:500]
 
     if ctx.kind == "world":
-        from must_ray.world import render_scenes
 
         scenes = render_scenes(ctx.world.seed, offs, image_size=ctx.world.image_size, domain=ctx.split.domain,
                                min_objects=ctx.world.min_objects, max_objects=ctx.world.max_objects)
@@ -406,7 +402,6 @@ def prepare_shard(desc: dict[str, Any], ctx: PrepareContext) -> PreparedShard:
                 continue
             take(i, data)
     else:  # table: the rows of one file; read only the row groups that hold them
-        import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(locs[0], filesystem=ctx.filesystem)
         meta = pf.metadata

@@ -1,40 +1,37 @@
 """Pseudo-labelling with Ray Data: every input image gets a label from every teacher, written as
 an examples table exactly once (MuST step 2). Reference: ``docs/labeling.md``.
 
-Pipeline (one streaming Ray Data execution)::
+Pipeline (one streaming Ray Data execution, :func:`build_pipeline`)::
 
     from_items(shard descriptors)                       driver: ids + paths only, never pixels
       -> map_batches(decode_shards)         tasks        read, decode, resize ONCE, PNG the image cell
       -> map_batches(ShardLabeler)          actor pool   ALL teachers on the decoded shard, encode
                                                          the label cells, commit the shard
-      -> iter_batches()                     driver       one small summary row per committed shard
+      -> iter_batches()                     driver       one small report row per committed shard
 
 A *shard* (``label.shard_size`` inputs, fixed by the plan) travels through the pipeline as ONE
-row, so an actor always holds a whole shard and commits it as one unit (``labeling_store``: the
+row, so an actor always holds a whole shard and commits it as one unit (``label.store``: the
 quarantine file, then the part file; the part file's appearance is the commit). Resuming = labelling
-the shards without a part file. The plain single-process loop of the benchmark runs the very same
-per-image functions (``prepare_image``, ``TeacherSet.predict``, ``Task.encode``) without Ray.
+the shards without a part file. A run, in order: :class:`LabelRun` resolves and plans,
+:func:`build_pipeline` + :class:`Progress` label the pending shards, :func:`verify_output` checks
+exactly once, :func:`summarise` writes the summary. The actor itself is ``label.labeler``.
 """
 from __future__ import annotations
 
-import time
-
-_IMPORT_STARTED = time.time()  # actor start-up diagnostics: when this module began importing (torch ...)
-
+import dataclasses
 import json
 import logging
-import os
 import sys
-from collections import Counter as _Counter
+import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import pyarrow as pa
 
 from must_ray import __version__
-from must_ray.config import Config, ConfigError, config_from_dict, config_to_dict
+from must_ray.config import Config
 from must_ray.label.inputs import (
     LabelInput,
-    PreparedShard,
     decode_shards,
     list_inputs,
     make_prepare_context,
@@ -42,16 +39,19 @@ from must_ray.label.inputs import (
     resolve_input,
     shard_descriptors,
 )
-from must_ray.label.store import QUARANTINE_SCHEMA, OutputStore
+from must_ray.label.labeler import ShardLabeler
+from must_ray.label.store import OutputStore
+from must_ray.label.teachers import resolve_teachers
 from must_ray.table import examples_schema
-from must_ray.tasks import Task, build_tasks, registered_task_names
+from must_ray.tasks import registered_task_names
+from must_ray.typed_config import ConfigError, config_to_dict
 
-_IMPORTED = time.time()
 log = logging.getLogger("must_ray.label.run")
 
 # what must match for a rerun to resume an existing output (anything else may change)
 RESUME_KEYS = ("input", "tasks", "teachers", "thresholds", "classes", "image_size", "shard_size",
                "max_image_pixels", "max_file_bytes", "extensions")
+STAGES = ("decode_s", "teachers_s", "encode_s", "write_s")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -65,167 +65,45 @@ def label_tasks(cfg: Config) -> list[str]:
 
 
 def label_image_size(cfg: Config) -> int:
+    """The side every input is decoded and resized to once (``label.image_size``, else the world's)."""
     return int(cfg.label.image_size or cfg.world.image_size)
 
 
 def label_output(cfg: Config, output: Optional[str] = None) -> str:
+    """The output table: ``output``, else ``label.output``, else ``<paths.root>/<paths.labels>``."""
     return output or cfg.label.output or cfg.paths.resolve("labels")
 
 
-def torch_threads(cfg: Config) -> int:
-    return int(cfg.label.torch_threads or max(1, round(cfg.label.num_cpus_per_actor)))
+def decode_memory_bytes(cfg: Config) -> int:
+    """Heap memory one decode task reserves: a shard's pixels a few times over (decoded original,
+    resized copy, Arrow row) plus a base. Besides keeping big shards from overcommitting a node,
+    this reservation makes the decode tasks' resources differ from the teacher actors', which is
+    what stops Ray Data from fusing the decode step *into* the actors (it fuses a task map into a
+    following actor map when both reserve the same resources): decoding shard k+1 must overlap the
+    teachers on shard k, not run inside the actor between them."""
+    s = label_image_size(cfg)
+    return int(64 * 2**20 + 4 * cfg.label.shard_size * s * s * 3)
 
 
-# ----------------------------------------------------------------------------- labelling one shard
+def _canon(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
 
 
-def _encode_rows(prep: PreparedShard, rows: list[int], labels: dict[str, list[Any]], tasks: dict[str, Task],
-                 names: list[str]) -> tuple[dict[str, list[Any]], float]:
-    """The table cells of ``prep``'s inputs ``rows`` (their labels in order): base columns plus
-    every task's ``Task.encode``. Returns ``(columns, seconds)``."""
-    t0 = time.perf_counter()
-    cols: dict[str, list[Any]] = {n: [] for n in names}
-    for j, i in enumerate(rows):
-        cols["image_id"].append(prep.image_id[i])
-        cols["image"].append(prep.png[i])
-        cols["source"].append(prep.source[i])
-        cols["height"].append(prep.height[i])
-        cols["width"].append(prep.width[i])
-        for name, task in tasks.items():
-            for k, v in task.encode(labels[name][j]).items():
-                cols[k].append(v)
-    return cols, time.perf_counter() - t0
+# ----------------------------------------------------------------------------- resolve + plan
 
 
-def label_shard(prep: PreparedShard, teachers, tasks: dict[str, Task], schema: pa.Schema, batch_size: int,
-                metrics=None, executor=None) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
-    """All teachers on the good images of ``prep`` (mini-batches of ``batch_size``), label cells
-    encoded. Returns ``(examples table rows, quarantine rows, timings)``.
+@dataclass
+class Pending:
+    """The shards of a plan this run labels: those without a committed part file."""
 
-    With an ``executor`` (a thread pool), batch i is encoded (PNG: zlib releases the GIL) while the
-    teachers run on batch i+1; without one, encoding follows inference inline."""
-    timings: dict[str, Any] = {"teachers": {}}
-    good = [i for i, r in enumerate(prep.reason) if not r]
-    names = [f.name for f in schema]
-    parts: list[Any] = []
-    teachers_s = 0.0
-    t_start = time.perf_counter()
-    for start in range(0, len(good), batch_size):
-        batch_t: dict[str, float] = {}
-        t0 = time.perf_counter()
-        out = teachers.predict(prep.pixels[start:start + batch_size], batch_t)
-        teachers_s += time.perf_counter() - t0
-        rows = good[start:start + batch_size]
-        if executor is not None:
-            parts.append(executor.submit(_encode_rows, prep, rows, out, tasks, names))
-        else:
-            parts.append(_encode_rows(prep, rows, out, tasks, names))
-        for name, sec in batch_t.items():
-            timings["teachers"][name] = timings["teachers"].get(name, 0.0) + sec
-            if metrics is not None:
-                metrics.teacher_batch(name, sec)
-    t_wait = time.perf_counter()
-    parts = [p.result() if hasattr(p, "result") else p for p in parts]
-    encode_wait_s = time.perf_counter() - t_wait
-    cols = {n: [v for c, _ in parts for v in c[n]] for n in names}
-    table = pa.Table.from_pydict(cols, schema=schema)
-    bad = [i for i, r in enumerate(prep.reason) if r]
-    quarantine = pa.Table.from_pydict({
-        "image_id": [prep.image_id[i] for i in bad], "path": [prep.locator[i] for i in bad],
-        "source": [prep.source[i] for i in bad], "reason": [prep.reason[i] for i in bad],
-        "detail": [prep.detail[i] for i in bad], "shard": [prep.shard] * len(bad)}, schema=QUARANTINE_SCHEMA)
-    # encode_s: encoding work (overlapped with the teachers when threaded); label_s: the shard's wall time
-    timings.update({"teachers_s": teachers_s, "encode_s": sum(sec for _, sec in parts),
-                    "encode_wait_s": encode_wait_s, "label_s": time.perf_counter() - t_start})
-    return table, quarantine, timings
+    num_shards: int
+    committed: set[int]
+    shards: list[int]
+    descriptors: list[dict[str, Any]]
 
-
-class ShardLabeler:
-    """The teacher actor (``map_batches`` callable class): builds every teacher once, then per
-    prepared shard runs them all, encodes and commits. Returns one summary row per shard."""
-
-    def __init__(self, cfg_dict: dict, specs: list, classes: list[str], tasks: list[str], image_size: int,
-                 provenance: dict, output: str, device: Optional[str] = None):
-        import torch
-
-        from must_ray.label.teachers import TeacherSet
-        from must_ray.monitoring import LabelMetrics
-
-        t0 = time.time()
-        cfg = config_from_dict(cfg_dict)
-        torch.set_num_threads(torch_threads(cfg))
-        if device is None:
-            device = "cuda" if cfg.label.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.batch_size = cfg.label.batch_size
-        self.teachers = TeacherSet(specs, cfg, classes, image_size, device)
-        self.tasks = build_tasks(tasks, len(classes), cfg.tasks)
-        self.schema = examples_schema(tasks, provenance)
-        self.store = OutputStore(output)
-        self.metrics = LabelMetrics(output)
-        self.executor = None
-        if cfg.label.encode_threads > 0:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.executor = ThreadPoolExecutor(cfg.label.encode_threads, thread_name_prefix="encode")
-        self.ready_at = time.time()  # epoch seconds: the summary reports actor start-up from it
-        self.init_s = self.ready_at - t0
-        try:
-            import psutil
-
-            started = psutil.Process().create_time()
-        except Exception:  # noqa: BLE001
-            started = _IMPORT_STARTED
-        # epoch seconds of: worker process start, imports begin/end, constructor begin/end
-        self.timeline = [started, _IMPORT_STARTED, _IMPORTED, t0, self.ready_at]
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [self.label_and_commit(PreparedShard.from_arrow(batch, r)) for r in range(batch.num_rows)]
-        return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
-
-    def label_and_commit(self, prep: PreparedShard) -> dict[str, Any]:
-        cpu0 = time.process_time()  # the actor process's CPU seconds (all its threads) for this shard
-        table, quarantine, timings = label_shard(prep, self.teachers, self.tasks, self.schema, self.batch_size,
-                                                 self.metrics, self.executor)
-        t0 = time.perf_counter()
-        self.store.commit_shard(prep.shard, table, quarantine)
-        write_s = time.perf_counter() - t0
-        m = self.metrics
-        m.images_labeled(table.num_rows)
-        for reason, n in _Counter(quarantine.column("reason").to_pylist()).items():
-            m.images_quarantined(n, reason)
-        for stage, sec in (("decode", prep.decode_s), ("teachers", timings["teachers_s"]),
-                           ("encode", timings["encode_s"]), ("write", write_s)):
-            m.stage_seconds(stage, sec)
-        m.shard_committed()
-        return {"shard": prep.shard, "rows": table.num_rows, "quarantined": quarantine.num_rows,
-                "reasons": json.dumps(dict(_Counter(quarantine.column("reason").to_pylist()))),
-                "decode_s": prep.decode_s, "teachers_s": timings["teachers_s"], "encode_s": timings["encode_s"],
-                "write_s": write_s, "teacher_s": json.dumps(timings["teachers"]), "pid": os.getpid(),
-                "decoded_here": prep.decode_pid == os.getpid(), "actor_ready_at": self.ready_at,
-                "actor_init_s": self.init_s, "committed_at": time.time(), "actor_timeline": self.timeline,
-                "peak_rss_mb": peak_rss_mb(), "cpu_s": time.process_time() - cpu0}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (MiB; ``getrusage`` high-water mark, one syscall):
-    each teacher actor reports it with every shard, so a run shows whether an actor's memory grows
-    with the number of images (it must not: shards stream through)."""
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
-
-
-SUMMARY_SCHEMA = pa.schema([("shard", pa.int64()), ("rows", pa.int64()), ("quarantined", pa.int64()),
-                            ("reasons", pa.string()), ("decode_s", pa.float64()), ("teachers_s", pa.float64()),
-                            ("encode_s", pa.float64()), ("write_s", pa.float64()), ("teacher_s", pa.string()),
-                            ("pid", pa.int64()), ("decoded_here", pa.bool_()), ("actor_ready_at", pa.float64()),
-                            ("actor_init_s", pa.float64()), ("committed_at", pa.float64()),
-                            ("actor_timeline", pa.list_(pa.float64())), ("peak_rss_mb", pa.float64()),
-                            ("cpu_s", pa.float64())])
-
-
-# ----------------------------------------------------------------------------- the run
+    @property
+    def images(self) -> int:
+        return sum(len(d["image_id"]) for d in self.descriptors)
 
 
 class LabelRun:
@@ -234,8 +112,6 @@ class LabelRun:
     missing teacher or input fails fast."""
 
     def __init__(self, cfg: Config, input_uri: Optional[str] = None, output: Optional[str] = None):
-        from must_ray.label.teachers import resolve_teachers
-
         self.cfg = cfg
         self.tasks = label_tasks(cfg)
         if not self.tasks:
@@ -299,167 +175,157 @@ class LabelRun:
                               "num_shards": int(plan.column("shard").to_numpy().max()) + 1})
         return plan
 
-
-def decode_memory_bytes(cfg: Config) -> int:
-    """Heap memory one decode task reserves: a shard's pixels a few times over (decoded original,
-    resized copy, Arrow row) plus a base. Besides keeping big shards from overcommitting a node,
-    this reservation makes the decode tasks' resources differ from the teacher actors', which is
-    what stops Ray Data from fusing the decode step *into* the actors (it fuses a task map into a
-    following actor map when both reserve the same resources): decoding shard k+1 must overlap the
-    teachers on shard k, not run inside the actor between them."""
-    s = label_image_size(cfg)
-    return int(64 * 2**20 + 4 * cfg.label.shard_size * s * s * 3)
+    def pending(self, plan: pa.Table) -> Pending:
+        """The shards of ``plan`` still to label (stale temp files of a crashed run removed first)."""
+        self.store.clean_tmp()
+        num_shards = int(plan.column("shard").to_numpy().max()) + 1
+        committed = self.store.committed_shards()
+        shards = [s for s in range(num_shards) if s not in committed]
+        return Pending(num_shards, committed, shards, shard_descriptors(plan, shards))
 
 
-def _canon(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
+# ----------------------------------------------------------------------------- the Ray Data pipeline
 
 
-def run_labeling(cfg: Config, input_uri: Optional[str] = None, output: Optional[str] = None,
-                 log_every_s: float = 10.0, run: Optional[LabelRun] = None) -> dict[str, Any]:
-    """Label ``input_uri`` (default ``label.input``, else the world's unlabeled split) into
-    ``output`` (default ``label.output``, else ``<paths.root>/<paths.labels>``) with Ray Data,
-    resuming a previous run into the same output. Needs a connected Ray. Returns the summary.
-    ``run``: an already resolved :class:`LabelRun` (the job resolves it before starting Ray)."""
+def build_pipeline(run: LabelRun, descriptors: list[dict[str, Any]]):
+    """The streaming Ray Data dataset that labels and commits ``descriptors``' shards; iterating it
+    yields one report row per committed shard (``labeler.REPORT_SCHEMA``)."""
     import ray
 
-    t_start = time.perf_counter()
-    run = run or LabelRun(cfg, input_uri, output)
-    plan = run.open()
-    store = run.store
-    store.clean_tmp()
-    num_shards = int(plan.column("shard").to_numpy().max()) + 1
-    committed = store.committed_shards()
-    pending = [s for s in range(num_shards) if s not in committed]
-    descs = shard_descriptors(plan, pending)
-    pending_images = sum(len(d["image_id"]) for d in descs)
-    log.info("labelling %s -> %s: %d inputs in %d shards (%d already committed, %d shards / %d images to do), "
-             "tasks %s", run.input.uri, run.output, plan.num_rows, num_shards, len(committed), len(pending),
-             pending_images, ", ".join(run.tasks))
+    lc = run.cfg.label
+    # weights travel once through the object store, not in every actor's arguments
+    specs = [dataclasses.replace(s, blob=ray.put(s.blob) if s.blob is not None else None) for s in run.specs]
+    max_actors = min(lc.actors[1], len(descriptors))
+    ds = ray.data.from_items(descriptors, override_num_blocks=len(descriptors))
+    ds = ds.map_batches(decode_shards, fn_kwargs={"ctx": run.prepare_ctx}, batch_size=1, batch_format="pyarrow",
+                        num_cpus=lc.decode_num_cpus, memory=decode_memory_bytes(run.cfg))
+    return ds.map_batches(
+        ShardLabeler,
+        fn_constructor_kwargs={"cfg_dict": config_to_dict(run.cfg), "specs": specs, "classes": run.classes,
+                               "tasks": run.tasks, "image_size": run.image_size, "provenance": run.provenance,
+                               "output": run.output},
+        batch_size=1, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=min(lc.actors[0], max_actors), max_size=max_actors),
+        num_cpus=lc.num_cpus_per_actor, num_gpus=lc.num_gpus_per_actor or None,
+    )  # Ray Data restarts a crashed actor and retries its shard (max_restarts=-1): commits are idempotent
 
-    stats = {"rows": 0, "quarantined": 0, "decode_s": 0.0, "teachers_s": 0.0, "encode_s": 0.0, "write_s": 0.0}
-    teacher_s: dict[str, float] = {}
-    reasons: _Counter = _Counter()
-    actors: dict[int, tuple[float, float]] = {}  # pid -> (ready at, init seconds)
-    decoded_in_actor = 0
-    timelines: dict[int, list[float]] = {}
-    peak_rss: dict[int, float] = {}  # pid -> the actor's peak RSS (MiB) at its last commit
-    actor_cpu_s = 0.0  # CPU seconds the actor processes spent on the shards (teachers, encoding, commit)
-    commits: list[tuple[float, int]] = []  # (epoch seconds, images) per committed shard
-    t_pipe = time.perf_counter()
-    t_pipe_epoch = time.time()
-    if descs:
-        lc = cfg.label
-        specs = []
-        for s in run.specs:  # weights travel once through the object store, not in every actor's args
-            s2 = type(s)(**{**s.__dict__})
-            s2.blob = ray.put(s.blob) if s.blob is not None else None
-            specs.append(s2)
-        max_actors = min(lc.actors[1], len(descs))
-        ds = ray.data.from_items(descs, override_num_blocks=len(descs))
-        ds = ds.map_batches(decode_shards, fn_kwargs={"ctx": run.prepare_ctx}, batch_size=1, batch_format="pyarrow",
-                            num_cpus=lc.decode_num_cpus, memory=decode_memory_bytes(cfg))
-        ds = ds.map_batches(
-            ShardLabeler,
-            fn_constructor_kwargs={"cfg_dict": config_to_dict(cfg), "specs": specs, "classes": run.classes,
-                                   "tasks": run.tasks, "image_size": run.image_size, "provenance": run.provenance,
-                                   "output": run.output},
-            batch_size=1, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=min(lc.actors[0], max_actors), max_size=max_actors),
-            num_cpus=lc.num_cpus_per_actor, num_gpus=lc.num_gpus_per_actor or None,
-        )  # Ray Data restarts a crashed actor and retries its shard (max_restarts=-1): commits are idempotent
-        done_shards, done_images, last_log = 0, 0, time.perf_counter()
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                done_shards += 1
-                done_images += row["rows"] + row["quarantined"]
-                for k in stats:
-                    stats[k] += row[k]
-                reasons.update(json.loads(row["reasons"]))
-                actors[row["pid"]] = (row["actor_ready_at"], row["actor_init_s"])
-                timelines[row["pid"]] = row["actor_timeline"]
-                peak_rss[row["pid"]] = max(peak_rss.get(row["pid"], 0.0), row["peak_rss_mb"])
-                actor_cpu_s += row["cpu_s"]
-                decoded_in_actor += int(row["decoded_here"])
-                commits.append((row["committed_at"], row["rows"] + row["quarantined"]))
-                for name, sec in json.loads(row["teacher_s"]).items():
-                    teacher_s[name] = teacher_s.get(name, 0.0) + sec
-            now = time.perf_counter()
-            if now - last_log >= log_every_s or done_shards == len(descs):
-                rate = done_images / max(now - t_pipe, 1e-9)
-                print(f"[label] {done_shards}/{len(descs)} shards, {done_images}/{pending_images} images this run, "
-                      f"{rate:.1f} images/s", file=sys.stderr, flush=True)
-                last_log = now
-    pipe_s = time.perf_counter() - t_pipe
-    counts = store.verify(plan)  # exactly once: one row (written or quarantined) per planned input id
+
+class RunObserver:
+    """Optional hooks into :func:`run_labeling` for callers that want more than the summary (the
+    benchmarks' profile, ``benchmarks/label_profile.py``): the epoch second the pipeline starts,
+    then every committed shard's report row (``labeler.REPORT_SCHEMA``) as it arrives."""
+
+    def pipeline_started(self, epoch_s: float) -> None:
+        pass
+
+    def shard_committed(self, report: dict[str, Any]) -> None:
+        pass
+
+
+class Progress:
+    """The driver's tally of committed shards: counts and per-stage seconds for the summary, and a
+    progress line on stderr every ``log_every_s`` seconds (and at the end)."""
+
+    def __init__(self, pending: Pending, log_every_s: float):
+        self.shards_total, self.images_total, self.log_every_s = len(pending.shards), pending.images, log_every_s
+        self.shards = self.images = 0
+        self.stage_s = dict.fromkeys(STAGES, 0.0)
+        self.teacher_s: dict[str, float] = {}
+        self.started = self.last_log = time.perf_counter()
+
+    def add(self, report: dict[str, Any]) -> None:
+        """Count one committed shard's report."""
+        self.shards += 1
+        self.images += report["rows"] + report["quarantined"]
+        for k in STAGES:
+            self.stage_s[k] += report[k]
+        for name, sec in json.loads(report["teacher_s"]).items():
+            self.teacher_s[name] = self.teacher_s.get(name, 0.0) + sec
+
+    def log(self) -> None:
+        """The progress line, when ``log_every_s`` passed since the last one or every shard is done."""
+        now = time.perf_counter()
+        if now - self.last_log >= self.log_every_s or self.shards == self.shards_total:
+            rate = self.images / max(now - self.started, 1e-9)
+            print(f"[label] {self.shards}/{self.shards_total} shards, {self.images}/{self.images_total} images "
+                  f"this run, {rate:.1f} images/s", file=sys.stderr, flush=True)
+            self.last_log = now
+
+
+# ----------------------------------------------------------------------------- verify + summarise
+
+
+def verify_output(store: OutputStore, plan: pa.Table) -> dict[str, Any]:
+    """Exactly once: one row (written or quarantined) per planned input id (:meth:`OutputStore.verify`),
+    then the temp files and an empty quarantine folder removed. Returns the counts."""
+    counts = store.verify(plan)
     store.clean_tmp()
     if not counts["quarantined"]:
         store.remove_empty_quarantine()
-    quarantine_reasons = _quarantine_reasons(store)
+    return counts
+
+
+def summarise(run: LabelRun, pending: Pending, counts: dict[str, Any], progress: Progress, pipeline_s: float,
+              total_s: float) -> dict[str, Any]:
+    """The job's summary (also written as ``_SUCCESS.json``)."""
+    images = pending.images
     summary = {
         "job": "label",
         "output": run.output,
-        "quarantine": store.quarantine_uri if counts["quarantined"] else None,
+        "quarantine": run.store.quarantine_uri if counts["quarantined"] else None,
         "input": run.input.uri,
         "input_kind": run.input.kind,
         "inputs": counts["inputs"],
         "rows": counts["rows"],
         "quarantined": counts["quarantined"],
-        "quarantine_reasons": quarantine_reasons,
+        "quarantine_reasons": run.store.quarantine_reasons(),
         "ignored_files": run.ignored,
         "tasks": run.tasks,
         "teachers": {t: {"name": s.name, "kind": s.kind, "sha256": s.sha256} for s in run.specs for t in s.tasks},
-        "shards": num_shards,
-        "shards_skipped": len(committed),
-        "shards_labeled": len(pending),
-        "images_this_run": pending_images,
-        "images_per_s": round(pending_images / pipe_s, 2) if pending_images else 0.0,
-        "pipeline_s": round(pipe_s, 2),
-        "total_s": round(time.perf_counter() - t_start, 2),
-        "stage_s": {k: round(v, 2) for k, v in stats.items() if k.endswith("_s")},
-        "teacher_s": {k: round(v, 2) for k, v in teacher_s.items()},
-        "actors_used": len(actors),
-        # fixed cost of the run: the first actor's start (process, imports, teachers) from pipeline start
-        "actor_start_s": round(min(r for r, _ in actors.values()) - t_pipe_epoch, 2) if actors else None,
-        "actor_init_s": round(max(i for _, i in actors.values()), 2) if actors else None,
-        # first actor, seconds after the pipeline started: process up, imports done, teachers built
-        "actor_timeline_s": _timeline(timelines, t_pipe_epoch),
-        # steady state: images per second from the first actor being ready to the last commit
-        "steady_images_per_s": _steady_rate(actors, commits),
-        "shards_decoded_in_actor": decoded_in_actor,  # 0: decode ran in its own tasks, overlapped
-        "actor_peak_rss_mb": max(peak_rss.values()) if peak_rss else None,  # the largest teacher actor's peak RSS
-        "actor_cpu_s": round(actor_cpu_s, 2),  # vs pipeline_s x actors: CPU the actors got (contention shows here)
+        "shards": pending.num_shards,
+        "shards_skipped": len(pending.committed),
+        "shards_labeled": len(pending.shards),
+        "images_this_run": images,
+        "images_per_s": round(images / pipeline_s, 2) if images else 0.0,
+        "pipeline_s": round(pipeline_s, 2),
+        "total_s": round(total_s, 2),
+        "stage_s": {k: round(v, 2) for k, v in progress.stage_s.items()},
+        "teacher_s": {k: round(v, 2) for k, v in progress.teacher_s.items()},
     }
     assert summary["rows"] + summary["quarantined"] == summary["inputs"], summary
-    store.write_success(summary)
     return summary
 
 
-def _timeline(timelines: dict, t0: float) -> Optional[dict[str, float]]:
-    if not timelines:
-        return None
-    started, imp0, imp1, init0, ready = min(timelines.values(), key=lambda t: t[-1])
-    return {"process_started": round(started - t0, 2), "imports_began": round(imp0 - t0, 2),
-            "imports_done": round(imp1 - t0, 2), "teachers_built": round(ready - t0, 2),
-            "constructor_began": round(init0 - t0, 2)}
+def run_labeling(cfg: Config, input_uri: Optional[str] = None, output: Optional[str] = None,
+                 log_every_s: float = 10.0, run: Optional[LabelRun] = None,
+                 observer: Optional[RunObserver] = None) -> dict[str, Any]:
+    """Label ``input_uri`` (default ``label.input``, else the world's unlabeled split) into
+    ``output`` (default ``label.output``, else ``<paths.root>/<paths.labels>``) with Ray Data,
+    resuming a previous run into the same output. Needs a connected Ray. Returns the summary.
+    ``run``: an already resolved :class:`LabelRun` (the job resolves it before starting Ray);
+    ``observer``: sees every shard's report (the benchmarks' extra figures)."""
+    t_start = time.perf_counter()
+    observer = observer or RunObserver()
+    run = run or LabelRun(cfg, input_uri, output)
+    plan = run.open()
+    pending = run.pending(plan)
+    log.info("labelling %s -> %s: %d inputs in %d shards (%d already committed, %d shards / %d images to do), "
+             "tasks %s", run.input.uri, run.output, plan.num_rows, pending.num_shards, len(pending.committed),
+             len(pending.shards), pending.images, ", ".join(run.tasks))
+    progress = Progress(pending, log_every_s)
+    observer.pipeline_started(time.time())
+    if pending.descriptors:
+        for batch in build_pipeline(run, pending.descriptors).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for report in batch.to_pylist():
+                progress.add(report)
+                observer.shard_committed(report)
+            progress.log()
+    pipeline_s = time.perf_counter() - progress.started
+    summary = summarise(run, pending, verify_output(run.store, plan), progress, pipeline_s,
+                        time.perf_counter() - t_start)
+    run.store.write_success(summary)
+    return summary
 
 
-def _steady_rate(actors: dict, commits: list) -> Optional[float]:
-    if not actors or not commits:
-        return None
-    start = min(r for r, _ in actors.values())
-    end = max(t for t, _ in commits)
-    return round(sum(n for _, n in commits) / max(end - start, 1e-9), 2)
-
-
-def _quarantine_reasons(store: OutputStore) -> dict[str, int]:
-    import pyarrow.parquet as pq
-
-    c: _Counter = _Counter()
-    for f in store.quarantine_files():
-        c.update(pq.read_table(f, columns=["reason"], filesystem=store.fs).column("reason").to_pylist())
-    return dict(sorted(c.items()))
-
-
-__all__ = ["run_labeling", "label_shard", "ShardLabeler", "LabelRun", "label_tasks",
-           "label_image_size", "label_output"]
+__all__ = ["run_labeling", "LabelRun", "Pending", "RunObserver", "Progress", "build_pipeline", "verify_output",
+           "summarise", "label_tasks", "label_image_size", "label_output", "decode_memory_bytes"]

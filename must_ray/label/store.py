@@ -35,10 +35,13 @@ import json
 import os
 import re
 import uuid
+from collections import Counter
 from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from must_ray.label.inputs import filesystem_for
 
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 QUARANTINE_SCHEMA = pa.schema([
@@ -55,8 +58,6 @@ class OutputStore:
     """File operations on one labelling output (picklable: actors commit their own shards)."""
 
     def __init__(self, output: str):
-        from must_ray.label.inputs import filesystem_for
-
         self.output = output
         self.fs, self.root, _ = filesystem_for(output)
         self.local = self.fs.type_name == "local"
@@ -210,6 +211,13 @@ class OutputStore:
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(self.quarantine_dir, recursive=False))
         return sorted(i.path for i in infos if i.path.endswith(".parquet") and os.path.basename(i.path).startswith("quarantine-"))
+
+    def quarantine_reasons(self) -> dict[str, int]:
+        """How many inputs the quarantine files hold, by reason (sorted by reason)."""
+        c: Counter = Counter()
+        for f in self.quarantine_files():
+            c.update(pq.read_table(f, columns=["reason"], filesystem=self.fs).column("reason").to_pylist())
+        return dict(sorted(c.items()))
 
     def read_ids(self, files: list[str]) -> list[str]:
         """The ``image_id`` column of ``files`` (read in parallel, nothing else is read)."""

@@ -6,25 +6,28 @@ One ``torch.save`` of a plain dict (tensors, strings, numbers, lists, dicts only
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
-from must_ray.config import TaskConfig, config_to_dict
 from must_ray.io import atomic_path
 from must_ray.models.multitask import MultiTaskModel
-from must_ray.tasks import build_task
+from must_ray.task_registry import make_task_config
+from must_ray.tasks import TaskConfig, build_task, get_task_class
+from must_ray.typed_config import config_to_dict
 
 FORMAT = "must-ray-model/1"
 
 
-def save_model(path: str, model: MultiTaskModel, *, num_classes: int, task_cfgs: dict[str, TaskConfig],
+def save_model(path: str, model: MultiTaskModel, *, num_classes: int, task_cfgs: Mapping[str, TaskConfig],
                classes: Optional[list[str]] = None, image_size: int = 64, fpn_channels: int = 64,
                extra: Optional[dict[str, Any]] = None) -> str:
     """Write ``model`` with everything needed to rebuild it (backbone name, tasks and their
-    configs, class vocabulary, input size). Atomic: a crash never leaves a half-written file."""
+    configs, class vocabulary, input size). Atomic: a crash never leaves a half-written file.
+    ``task_cfgs``: each task's config object (a task without one is saved with its defaults)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -32,7 +35,8 @@ def save_model(path: str, model: MultiTaskModel, *, num_classes: int, task_cfgs:
         "fpn_channels": int(fpn_channels),
         "tasks": list(model.task_names),
         "num_classes": int(num_classes),
-        "task_cfgs": {t: config_to_dict(task_cfgs.get(t, TaskConfig())) for t in model.task_names},
+        "task_cfgs": {t: config_to_dict(task_cfgs.get(t) or get_task_class(t).config_class())
+                      for t in model.task_names},
         "classes": list(classes or []),
         "image_size": int(image_size),
         "extra": dict(extra or {}),
@@ -48,14 +52,8 @@ def load_model(path: str, map_location: str | torch.device = "cpu",
     """Rebuild a model written by :func:`save_model`; returns ``(model in eval mode, info)``
     where ``info`` has ``tasks`` (Task objects), ``classes``, ``image_size``, ``sha256`` ...
     ``task_overrides`` replaces the stored task configs (e.g. labelling thresholds)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model file not found: {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a must-ray model file (expected format {FORMAT!r})")
-    from must_ray.config import _build
-
-    task_cfgs = {t: _build(TaskConfig, c, f"task_cfgs.{t}") for t, c in payload["task_cfgs"].items()}
+    payload = _read_payload(path, map_location)
+    task_cfgs = {t: stored_task_config(t, c) for t, c in payload["task_cfgs"].items()}
     task_cfgs.update(task_overrides or {})
     tasks = {t: build_task(t, payload["num_classes"], task_cfgs.get(t)) for t in payload["tasks"]}
     model = MultiTaskModel(payload["backbone"], tasks, fpn_channels=payload["fpn_channels"])
@@ -66,6 +64,28 @@ def load_model(path: str, map_location: str | torch.device = "cpu",
     info["path"] = path
     info["sha256"] = file_sha256(path)
     return model, info
+
+
+def read_model_header(path: str) -> dict[str, Any]:
+    """A model file's header (tasks, classes, backbone, sizes ...) without building the network."""
+    return {k: v for k, v in _read_payload(path, "cpu").items() if k != "state_dict"}
+
+
+def _read_payload(path: str, map_location: str | torch.device) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a must-ray model file (expected format {FORMAT!r})")
+    return payload
+
+
+def stored_task_config(task: str, knobs: Mapping[str, Any]) -> TaskConfig:
+    """Task ``task``'s config object from the knobs a model file stored; knobs the task's config
+    class does not have (files written when every task shared one flat set of knobs) are dropped."""
+    config_class = get_task_class(task).config_class
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return make_task_config(config_class, {k: v for k, v in knobs.items() if k in names}, f"task_cfgs.{task}")
 
 
 def file_sha256(path: str) -> str:

@@ -2,10 +2,15 @@
 
 A *task* owns everything that differs between, say, depth and detection: the columns it adds to
 the examples table and their codecs, the head that predicts it from feature maps, the masked loss,
-the metric, the conversion of raw head outputs into labels (what a teacher writes), and how a
-geometric augmentation moves its labels. The rest of the system (schema, trainer, labeller,
+the metric, the conversion of raw head outputs into labels (what a teacher writes), how a
+geometric augmentation moves its labels, and how a label is drawn in the label grid (:meth:`Task.draw`,
+with a :class:`Legend` that says how to read it). The rest of the system (schema, trainer, labeller,
 evaluator) only talks to this interface, so adding a sixth task means adding one module that
-subclasses :class:`Task` and decorates it with :func:`must_ray.tasks.register_task`.
+subclasses :class:`Task` and decorates it with :func:`must_ray.tasks.register_task`. A task also
+owns its knobs (:attr:`Task.config_class`, validated through the registry), how it derives its
+ground truth from the synthetic world's raw render buffers (:meth:`Task.world_label`) and what a
+frozen-feature transfer probe regresses for it (:attr:`Task.probe`, :meth:`Task.probe_target`).
+The hooks a new task defines are listed in ``docs/tasks.md``.
 
 Terminology used throughout:
 
@@ -21,14 +26,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch import nn
 
-from must_ray.config import TaskConfig
+from must_ray.task_registry import TaskConfig, make_task_config
+from must_ray.tasks._drawing import caption, colour_map, robust_range
 
 
 @dataclass(frozen=True)
@@ -58,12 +64,18 @@ class Task(ABC):
     higher_is_better: bool = True
     #: True when labels are per-pixel maps (decoded and resized in the loader)
     dense: bool = False
+    #: the task's knobs (``tasks.<name>`` in a config): a dataclass subclassing TaskConfig
+    config_class: type[TaskConfig] = TaskConfig
+    #: the light transfer probe (:mod:`must_ray.evaluate.transfer`): ``"image"`` (a ridge on the
+    #: pooled features), ``"pixel"`` (a ridge on per-pixel features) or ``None`` (no light probe)
+    probe: Optional[str] = None
 
-    def __init__(self, num_classes: int, cfg: Optional[TaskConfig] = None):
+    def __init__(self, num_classes: int, cfg: Any = None):
         """``num_classes``: object categories of the world/dataset (tasks that have no classes
-        ignore it); ``cfg``: thresholds, loss weight etc."""
+        ignore it); ``cfg``: the task's knobs, a :attr:`config_class` object or a mapping of them
+        (validated; unknown knobs raise ConfigError), ``None`` for the defaults."""
         self.num_classes = int(num_classes)
-        self.cfg = cfg or TaskConfig()
+        self.cfg = make_task_config(self.config_class, cfg, f"tasks.{self.name}")
 
     # ------------------------------------------------------------------ table
     @classmethod
@@ -142,6 +154,51 @@ class Task(ABC):
         mean depth, constant normal, no boxes ...), computed from the ground truth it is scored on."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ the synthetic world
+    def world_label(self, buffers: Mapping[str, Any]) -> Any:
+        """This task's ground-truth label of one rendered scene, derived from the world's raw render
+        ``buffers`` (:func:`must_ray.world.render_scenes`: ``image``, ``depth``, ``normals``,
+        ``instances``, ``instance_categories``, ``instance_pixels``, ``instance_boxes``,
+        ``instance_visible``, ``meta``), so the world step serves any registered task."""
+        raise NotImplementedError(f"task {self.name!r} derives no label from the world's render buffers")
+
+    # ------------------------------------------------------------------ transfer probe
+    def probe_target(self, label: Any) -> tuple[np.ndarray, np.ndarray]:
+        """What the light probe regresses for one label, in the space of the head's raw outputs (so
+        :meth:`predict` turns probe outputs into labels): ``(targets, valid)`` with targets (K,) and
+        valid a bool scalar for an ``"image"`` probe; for a ``"pixel"`` probe, of a label already
+        resized to the feature grid (:meth:`augment`), targets (h, w, K) and valid (h, w) bool."""
+        raise NotImplementedError(f"task {self.name!r} has no light probe")
+
+    # ------------------------------------------------------------------ drawing (the label grid)
+    def draw_range(self, labels: Sequence[Any]) -> Optional[tuple[float, float]]:
+        """The value range all of this task's panels in one grid share (so that they compare and
+        one colour bar reads them all), from the reference ``labels`` (the ground truth when the
+        grid has it); ``None`` when the drawing needs no range. Default: a dense task's robust
+        range of its scalar map (:func:`scalar_map`)."""
+        maps = [scalar_map(lab) for lab in labels if lab is not None] if self.dense else []
+        return robust_range(maps) if maps else None
+
+    def draw(self, label: Any, image: np.ndarray, *, class_names: Sequence[str] = (),
+             value_range: Optional[tuple[float, float]] = None) -> np.ndarray:
+        """One grid panel: ``label`` drawn for ``image`` (uint8 RGB (H, W, 3) at the panel's size)
+        as a uint8 RGB array of that size; ``value_range`` comes from :meth:`draw_range`. Default:
+        a dense label's scalar map, resized to the image, through viridis over ``value_range``;
+        any other label as a caption of its text under the image."""
+        if not self.dense:
+            return caption(image, str(label))
+        values = fit_to_image(scalar_map(label), image)
+        lo, hi = value_range or robust_range([values])
+        return colour_map(values, lo, hi, "viridis")
+
+    def legend(self, class_names: Sequence[str] = (),
+               value_range: Optional[tuple[float, float]] = None) -> Optional[Legend]:
+        """How to read this task's panels, drawn once under the grid; ``None`` when the panels
+        explain themselves. Default: a dense task's viridis colour bar over ``value_range``."""
+        if not self.dense or value_range is None:
+            return None
+        return Legend(self.name, colormap="viridis", value_range=value_range)
+
 
 def zero_loss(outputs: Any) -> torch.Tensor:
     """A differentiable zero connected to every tensor in ``outputs`` (so DDP sees all params used)."""
@@ -167,3 +224,34 @@ def resize_nearest(arr: np.ndarray, crop: Crop, out_size: tuple[int, int]) -> np
     if crop.flip:
         xi = xi[::-1]
     return arr[yi[:, None], xi[None, :]]
+
+
+# ----------------------------------------------------------------------------- drawing (the label grid)
+
+
+@dataclass(frozen=True, eq=False)
+class Legend:
+    """How to read a task's grid panels, drawn once under the grid: named colour ``swatches``
+    (e.g. segmentation classes), a colour bar (matplotlib ``colormap`` over ``value_range``, in
+    ``unit``), a small key ``image`` (e.g. a sphere's normals) and a short ``note``."""
+
+    title: str
+    swatches: tuple[tuple[str, tuple[int, int, int]], ...] = ()
+    colormap: str = ""
+    value_range: Optional[tuple[float, float]] = None
+    unit: str = ""
+    image: Optional[np.ndarray] = None
+    note: str = ""
+
+
+def scalar_map(label: Any) -> np.ndarray:
+    """A dense label as one (H, W) float map: the label itself, or its first channel."""
+    arr = np.asarray(label, dtype=np.float64)
+    return arr if arr.ndim == 2 else arr[..., 0]
+
+
+def fit_to_image(arr: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """A dense map resized (nearest neighbour) to ``image``'s height and width, so a label of any
+    resolution fills its panel without interpolating values."""
+    size = tuple(np.asarray(image).shape[:2])
+    return arr if arr.shape[:2] == size else resize_nearest(arr, Crop(), size)

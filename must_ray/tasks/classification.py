@@ -17,6 +17,9 @@ rows. This is MuST's distillation loss for classification pseudo labels.
 **Predict** (teacher adapter): ``softmax(logits / cfg.temperature)``, top ``cfg.topk`` (at most C)
 ids and probabilities, sorted descending (so they sum to <= 1).
 
+**World label**: the category of the instance with the most visible pixels (0 without objects).
+**Probe**: an image probe regressing the one-hot class (the logits' space).
+
 **Metric**: ``top1`` (primary, higher is better) = accuracy of the predicted ``label``; also
 ``top5`` = the ground-truth label is among the first five predicted ``topk_ids``. State: counts.
 
@@ -24,7 +27,8 @@ The loss is not multiplied by ``cfg.loss_weight``; the trainer applies task weig
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -32,9 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from must_ray.tasks import register_task
+from must_ray.tasks import TaskConfig, register_task
+from must_ray.tasks._drawing import caption
 from must_ray.tasks._layers import as_array, is_null, label_rows, select_rows
 from must_ray.tasks.base import Crop, Task, zero_loss
+from must_ray.typed_config import ConfigError
 
 
 class PooledMLPHead(nn.Module):
@@ -48,6 +54,21 @@ class PooledMLPHead(nn.Module):
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.mlp(torch.cat([f.mean(dim=(2, 3)) for f in feats], dim=1))
+
+
+@dataclass
+class ClassificationConfig(TaskConfig):
+    """Knobs of classification (``tasks.classification``)."""
+
+    topk: int = 5  # soft-label length a teacher writes
+    temperature: float = 1.0  # softmax temperature of a teacher's soft labels
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        if self.topk < 1:
+            raise ConfigError(f"{key}.topk must be >= 1, got {self.topk}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{key}.temperature must be > 0, got {self.temperature}")
 
 
 def make_label(label: int, topk_ids: Any = None, topk_probs: Any = None) -> dict[str, Any]:
@@ -68,6 +89,8 @@ class ClassificationTask(Task):
     primary_metric = "top1"
     higher_is_better = True
     dense = False
+    config_class = ClassificationConfig
+    probe = "image"
 
     # ------------------------------------------------------------------ table
     @classmethod
@@ -173,3 +196,24 @@ class ClassificationTask(Task):
         labels = [int(g["label"]) for g in gts if g is not None]
         major = int(np.bincount(labels).argmax()) if labels else 0
         return [None if g is None else make_label(major) for g in gts]
+
+    # ------------------------------------------------------------------ world and probe
+    def world_label(self, buffers: Mapping[str, Any]) -> Any:
+        """The category of the instance with the most visible pixels (class 0 without objects)."""
+        cats = np.asarray(buffers["instance_categories"])
+        return make_label(int(cats[int(np.argmax(buffers["instance_pixels"]))]) if len(cats) else 0)
+
+    def probe_target(self, label: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The one-hot class (the probe's outputs are read as logits)."""
+        return np.eye(self.num_classes)[int(label["label"])], np.bool_(True)
+
+    # ------------------------------------------------------------------ drawing (the label grid)
+    def draw(self, label: Any, image: np.ndarray, *, class_names: Sequence[str] = (),
+             value_range: tuple[float, float] | None = None) -> np.ndarray:
+        """The image with a caption: the label's class name and its probability."""
+        c = int(label["label"])
+        ids = np.asarray(label.get("topk_ids", [c]), dtype=np.int64).reshape(-1).tolist()
+        probs = np.asarray(label.get("topk_probs", [1.0]), dtype=np.float64).reshape(-1)
+        p = float(probs[ids.index(c)]) if c in ids else (float(probs[0]) if probs.size else 1.0)
+        name = class_names[c] if 0 <= c < len(class_names) else str(c)
+        return caption(image, f"{name} {p:.2f}")

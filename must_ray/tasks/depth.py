@@ -24,17 +24,39 @@ i.e. as wrong. The state holds sums and a count, merged by addition.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from must_ray.images import decode_png, encode_png
-from must_ray.tasks import register_task
+from must_ray.tasks import TaskConfig, register_task
+from must_ray.tasks._drawing import colour_map, robust_range
 from must_ray.tasks._layers import DenseTask, as_bytes, is_null
+from must_ray.tasks.base import Legend, fit_to_image
+from must_ray.typed_config import ConfigError
 
 EPS = 1e-6  # stand-in for non-positive predicted depth in metrics
+
+
+@dataclass
+class DepthConfig(TaskConfig):
+    """Knobs of depth (``tasks.depth``)."""
+
+    depth_scale: float = 0.001  # metres per uint16 unit in the table (1 mm)
+    max_depth: float = 20.0  # metres; predictions are clipped to it
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        if not 0 < self.depth_scale:
+            raise ConfigError(f"{key}.depth_scale must be > 0, got {self.depth_scale}")
+        if self.max_depth <= 0 or self.max_depth / self.depth_scale > 65535:
+            raise ConfigError(
+                f"{key}.max_depth must be > 0 and fit uint16 at depth_scale "
+                f"(max_depth/depth_scale <= 65535), got {self.max_depth}/{self.depth_scale}"
+            )
 
 
 @register_task
@@ -44,6 +66,8 @@ class DepthTask(DenseTask):
     name = "depth"
     primary_metric = "abs_rel"
     higher_is_better = False
+    config_class = DepthConfig
+    probe = "pixel"
     out_channels = 1
     target_key = "depth"
     label_dtype = np.float32
@@ -133,6 +157,36 @@ class DepthTask(DenseTask):
                 total, count = total + float(v.sum()), count + v.size
         mean = total / count if count else 1.0
         return [None if g is None else np.full(np.asarray(g).shape[:2], mean, dtype=np.float32) for g in gts]
+
+    # ------------------------------------------------------------------ world and probe
+    def world_label(self, buffers: Mapping[str, Any]) -> Any:
+        """The rendered z-depth in metres."""
+        return np.array(buffers["depth"], dtype=np.float32, copy=True)
+
+    def probe_target(self, label: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Log-depth per cell (the head's output space); invalid (0) depths are invalid."""
+        d = np.asarray(label, dtype=np.float64)
+        valid = np.isfinite(d) & (d > 0)
+        return np.log(np.where(valid, d, 1.0))[..., None], valid
+
+    # ------------------------------------------------------------------ drawing (the label grid)
+    def draw_range(self, labels: Sequence[Any]) -> tuple[float, float] | None:
+        """Robust range, in metres, of the valid (> 0) depths of ``labels``."""
+        maps = [np.asarray(lab, dtype=np.float64) for lab in labels if lab is not None]
+        return robust_range(maps, positive=True) if maps else None
+
+    def draw(self, label: Any, image: np.ndarray, *, class_names: Sequence[str] = (),
+             value_range: tuple[float, float] | None = None) -> np.ndarray:
+        """Depth through reversed viridis over ``value_range`` (near = bright yellow, far = dark
+        purple), resized to the image; invalid (0) pixels black."""
+        d = fit_to_image(np.asarray(label, dtype=np.float64), image)
+        lo, hi = value_range or robust_range([d], positive=True)
+        return colour_map(d, lo, hi, "viridis_r", valid=np.isfinite(d) & (d > 0))
+
+    def legend(self, class_names: Sequence[str] = (), value_range: tuple[float, float] | None = None) -> Legend:
+        """The colour bar in metres (and black = no depth)."""
+        return Legend(self.name, colormap="viridis_r", value_range=value_range or (0.0, 1.0), unit="m",
+                      note="black: no depth")
 
 
 def encode_depth(depth_m: np.ndarray, scale: float) -> bytes:

@@ -34,18 +34,23 @@ truth (merge = concatenation).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from torch import nn
 from torchvision.ops import batched_nms
+from torchvision.utils import draw_bounding_boxes
 
-from must_ray.tasks import register_task
+from must_ray.tasks import TaskConfig, register_task
+from must_ray.tasks._drawing import box_rect, class_colour, draw_tag, font
 from must_ray.tasks._layers import FeatureFuser, as_array, is_null, label_rows, pick_level, select_rows
 from must_ray.tasks.base import Crop, Task, zero_loss
+from must_ray.typed_config import ConfigError
 
 IOU_THRESHOLDS = np.round(np.linspace(0.5, 0.95, 10), 2)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -53,6 +58,24 @@ GAUSSIAN_ALPHA = 0.54  # TTFNet: sigma = alpha * side / 6
 HEATMAP_PRIOR = 0.1  # initial heatmap probability (bias = logit(prior)), as in CenterNet
 MIN_KEEP_FRACTION = 0.25  # augment drops boxes keeping less of their area than this
 MIN_SIDE_CELLS = 1e-3  # floor of a box side (grid cells) before taking the log
+
+
+@dataclass
+class DetectionConfig(TaskConfig):
+    """Knobs of detection (``tasks.detection``): a teacher's box post-processing."""
+
+    score_threshold: float = 0.3  # boxes scoring below are dropped
+    nms_iou: float = 0.5  # class-wise NMS overlap
+    max_boxes: int = 20  # per image
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        for name in ("score_threshold", "nms_iou"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{key}.{name} must be in [0, 1], got {v}")
+        if self.max_boxes < 1:
+            raise ConfigError(f"{key}.max_boxes must be >= 1, got {self.max_boxes}")
 
 
 def make_label(boxes: Any = None, classes: Any = None, scores: Any = None) -> dict[str, np.ndarray]:
@@ -212,6 +235,8 @@ class DetectionTask(Task):
     primary_metric = "map50"
     higher_is_better = True
     dense = False
+    config_class = DetectionConfig
+    probe = None  # a box decoder is not a linear read-out
     #: loss weights of the size and offset regressions relative to the heatmap focal loss
     size_weight: float = 1.0
     offset_weight: float = 1.0
@@ -396,3 +421,33 @@ class DetectionTask(Task):
     def trivial_prediction(self, gts: Sequence[Any]) -> list[Any]:
         """No boxes for any image (mAP 0): the floor a detector must clear."""
         return [None if g is None else make_label() for g in gts]
+
+    # ------------------------------------------------------------------ the synthetic world
+    def world_label(self, buffers: Mapping[str, Any]) -> Any:
+        """One tight box per instance with enough visible pixels (``instance_visible``)."""
+        keep = np.asarray(buffers["instance_visible"], dtype=bool)
+        return make_label(np.asarray(buffers["instance_boxes"])[keep], np.asarray(buffers["instance_categories"])[keep])
+
+    # ------------------------------------------------------------------ drawing (the label grid)
+    def draw(self, label: Any, image: np.ndarray, *, class_names: Sequence[str] = (),
+             value_range: tuple[float, float] | None = None) -> np.ndarray:
+        """The image with every box outlined in its class colour (torchvision's
+        ``draw_bounding_boxes``, 2 px) and a tag with its class name (and score below 1);
+        higher-scoring boxes are drawn over lower ones, tags over boxes."""
+        lab = make_label(label.get("boxes"), label.get("classes"), label.get("scores"))
+        if not len(lab["boxes"]):
+            return np.array(image, dtype=np.uint8, copy=True)
+        h, w = image.shape[:2]
+        order = np.argsort(lab["scores"], kind="stable")
+        rects = [box_rect(lab["boxes"][i], w, h) for i in order]
+        colours = [class_colour(lab["classes"][i]) for i in order]
+        chw = torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).permute(2, 0, 1)
+        boxed = draw_bounding_boxes(chw, torch.tensor(rects, dtype=torch.int64), colors=colours, width=2)
+        img = Image.fromarray(boxed.permute(1, 2, 0).numpy())
+        draw, fnt = ImageDraw.Draw(img), font(10)
+        for i, rect, colour in zip(order, rects, colours):
+            c, score = int(lab["classes"][i]), float(lab["scores"][i])
+            text = class_names[c] if 0 <= c < len(class_names) else str(c)
+            text += f" {score:.2f}" if score < 0.995 else ""
+            draw_tag(draw, rect, text, colour, fnt, w)
+        return np.asarray(img)

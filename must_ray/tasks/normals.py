@@ -21,7 +21,7 @@ A missing prediction counts as 180 degrees everywhere; a zero predicted vector a
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from must_ray.images import decode_png, encode_png
 from must_ray.tasks import register_task
 from must_ray.tasks._layers import DenseTask, as_bytes, is_null
+from must_ray.tasks.base import Legend, fit_to_image
 
 BIN_DEG = 0.05
 NUM_BINS = int(round(180 / BIN_DEG))
@@ -60,6 +61,7 @@ class NormalsTask(DenseTask):
     name = "normals"
     primary_metric = "mean_angle"
     higher_is_better = False
+    probe = "pixel"
     out_channels = 3
     label_channels = 3
     target_key = "normals"
@@ -162,6 +164,35 @@ class NormalsTask(DenseTask):
         mean = total / norm if norm > 0 else np.array([0.0, 0.0, 1.0])
         return [None if g is None else np.broadcast_to(mean.astype(np.float32), np.asarray(g).shape[:2] + (3,)).copy()
                 for g in gts]
+
+    # ------------------------------------------------------------------ world and probe
+    def world_label(self, buffers: Mapping[str, Any]) -> Any:
+        """The rendered camera-frame normals."""
+        return np.array(buffers["normals"], dtype=np.float32, copy=True)
+
+    def probe_target(self, label: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The normal vector per cell; zero vectors are invalid."""
+        n = np.asarray(label, dtype=np.float64)
+        return n, np.linalg.norm(n, axis=-1) > 0.5
+
+    # ------------------------------------------------------------------ drawing (the label grid)
+    def draw(self, label: Any, image: np.ndarray, *, class_names: Sequence[str] = (),
+             value_range: tuple[float, float] | None = None) -> np.ndarray:
+        """Normals as RGB ``(n + 1) / 2`` (x -> red, y -> green, z -> blue), resized to the image;
+        invalid (zero) vectors black."""
+        n = fit_to_image(np.asarray(label, dtype=np.float64), image)
+        rgb = np.clip(np.round((n + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        rgb[np.linalg.norm(n, axis=-1) < 0.5] = 0
+        return rgb
+
+    def legend(self, class_names: Sequence[str] = (), value_range: tuple[float, float] | None = None) -> Legend:
+        """A sphere's normals drawn the same way: the key to the colours."""
+        t = (np.arange(48) + 0.5) / 24 - 1.0
+        x, y = np.meshgrid(t, -t)
+        inside = x ** 2 + y ** 2 < 1.0
+        sphere = np.stack([x, y, np.sqrt(np.clip(1.0 - x ** 2 - y ** 2, 0.0, None))], axis=-1) * inside[..., None]
+        key = self.draw(sphere, np.zeros((96, 96, 3), np.uint8))
+        return Legend(self.name, image=key, note="RGB = (n + 1) / 2\nx right, y up, z to camera")
 
 
 def encode_normals(normals: np.ndarray) -> bytes:

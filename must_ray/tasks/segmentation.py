@@ -21,7 +21,8 @@ prediction are left out of the mean. Also ``pixel_acc``. The state is the matrix
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -29,10 +30,25 @@ import torch
 import torch.nn.functional as F
 
 from must_ray.images import decode_png, encode_png
-from must_ray.tasks import register_task
+from must_ray.tasks import TaskConfig, register_task
+from must_ray.tasks._drawing import INVALID_COLOUR, SEG_PALETTE, class_colour
 from must_ray.tasks._layers import DenseTask, as_bytes, is_null
+from must_ray.tasks.base import Legend, fit_to_image
+from must_ray.typed_config import ConfigError
 
 IGNORE = 255
+
+
+@dataclass
+class SegmentationConfig(TaskConfig):
+    """Knobs of segmentation (``tasks.segmentation``)."""
+
+    confidence_threshold: float = 0.0  # a teacher's pixels below this probability -> ignore (255)
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        if not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ConfigError(f"{key}.confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
 
 
 @register_task
@@ -42,6 +58,8 @@ class SegmentationTask(DenseTask):
     name = "segmentation"
     primary_metric = "miou"
     higher_is_better = True
+    config_class = SegmentationConfig
+    probe = "pixel"
     target_key = "labels"
     label_dtype = np.uint8
     fill_value = IGNORE
@@ -139,3 +157,32 @@ class SegmentationTask(DenseTask):
         counts[IGNORE] = 0
         major = int(counts.argmax())
         return [None if g is None else np.full(np.asarray(g).shape[:2], major, dtype=np.uint8) for g in gts]
+
+    # ------------------------------------------------------------------ world and probe
+    def world_label(self, buffers: Mapping[str, Any]) -> Any:
+        """Each pixel's instance category + 1, 0 where the room is seen."""
+        inst = np.asarray(buffers["instances"])
+        seg = np.zeros(inst.shape, dtype=np.uint8)
+        obj = inst >= 0
+        seg[obj] = np.asarray(buffers["instance_categories"])[inst[obj]] + 1
+        return seg
+
+    def probe_target(self, label: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The one-hot class per cell (read as logits); ignore pixels are invalid."""
+        k = self.num_classes + 1
+        valid = label < k
+        return np.eye(k, dtype=np.float64)[np.where(valid, label, 0).astype(np.int64)], valid
+
+    # ------------------------------------------------------------------ drawing (the label grid)
+    def draw(self, label: Any, image: np.ndarray, *, class_names: Sequence[str] = (),
+             value_range: tuple[float, float] | None = None) -> np.ndarray:
+        """The class map in the class palette (:data:`~must_ray.tasks._drawing.SEG_PALETTE`:
+        the colours boxes of the same category have; ignore is black), resized to the image."""
+        return SEG_PALETTE[fit_to_image(np.asarray(label, dtype=np.uint8), image)]
+
+    def legend(self, class_names: Sequence[str] = (), value_range: tuple[float, float] | None = None) -> Legend:
+        """Background, every category and ignore, each with its colour."""
+        names = [class_names[c] if c < len(class_names) else str(c)
+                 for c in range(max(self.num_classes, len(class_names)))]
+        swatches = [("background", class_colour(-1))] + [(n, class_colour(c)) for c, n in enumerate(names)]
+        return Legend(self.name, swatches=tuple(swatches + [("ignore", INVALID_COLOUR)]))

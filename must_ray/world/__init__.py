@@ -12,20 +12,26 @@ size for its pixels), so any split can be regenerated anywhere. Domains shift th
 ``default``, ``dim`` (weak light, low ambient), ``bright``, ``cluttered`` (more objects, busier
 textures).
 
-:func:`render_scenes` returns, per scene, numpy arrays in the task label forms:
+:func:`render_scenes` returns, per scene, its raw render buffers (numpy arrays; ``n`` = the
+scene's objects):
 
 - ``image``: uint8 (H, W, 3) RGB.
-- ``classification``: ``{"label", "topk_ids": int32 [label], "topk_probs": float32 [1.0]}``; the
-  label is the category of the instance with the most visible pixels.
-- ``detection``: ``{"boxes": float32 (n, 4) normalised xyxy, "classes": int32 (n,),
-  "scores": float32 (n,) ones}``, one tight box per instance with >= ``min_visible_pixels`` pixels
-  (x0 = min column / W, x1 = (max column + 1) / W, same for y).
-- ``segmentation``: uint8 (H, W), 0 = background (room), c + 1 = category c (255 is never made).
 - ``depth``: float32 (H, W) z-depth in metres (distance along the optical axis), > 0 everywhere.
 - ``normals``: float32 (H, W, 3) unit normals in the camera frame (x right, y up, z toward the
   viewer), each facing the camera (n . view_ray < 0; hence n_z > 0 except on surfaces seen almost
   edge-on near the image border).
-- ``instances``: int32 (H, W) object index (-1 = room); ``meta``: plain-Python scene description.
+- ``instances``: int32 (H, W) object index (-1 = room).
+- ``instance_categories``: int32 (n,) each object's category (its shape).
+- ``instance_pixels``: int64 (n,) each object's visible pixels.
+- ``instance_boxes``: float32 (n, 4) each object's tight box around its visible pixels, normalised
+  xyxy (x0 = min column / W, x1 = (max column + 1) / W, same for y); meaningless without pixels.
+- ``instance_visible``: bool (n,) at least ``min_visible_pixels`` visible pixels (what counts as
+  a detectable object).
+- ``meta``: plain-Python scene description.
+
+The renderer knows no task: every task derives its ground truth from these buffers
+(``Task.world_label``; :func:`must_ray.world.labels.render_labelled` renders scenes with the
+labels of any registered task), so a new task needs no change here.
 """
 from must_ray.world.render import MIN_VISIBLE_PIXELS, measure_render_speed, render_batch, render_scenes
 from must_ray.world.scenes import CATEGORIES, DOMAINS, NUM_CATEGORIES, Scene, sample_scene

@@ -1,4 +1,4 @@
-"""The batch ray caster: scenes -> RGB image + exact ground truth of all five tasks.
+"""The batch ray caster: scenes -> RGB image + exact raw render buffers (depth, normals, instances).
 
 One primary ray per pixel centre, so every label is exact per pixel and consistent with the image.
 Per-scene numpy overhead would dominate at small image sizes, so a batch of B scenes is rendered
@@ -9,6 +9,9 @@ the room itself casts none), and a two-colour procedural solid texture per surfa
 
 Per-ray work is elementwise IEEE arithmetic only (no transcendentals, no BLAS), so a scene renders
 byte-identically whatever batch it is in.
+
+The renderer knows no task: each task derives its ground truth from these buffers
+(``Task.world_label``, see :mod:`must_ray.world.labels`).
 """
 from __future__ import annotations
 
@@ -36,14 +39,14 @@ _EMPTY = -2  # type of a padding slot
 def render_scenes(seed: int, indices: Sequence[int], image_size: int = 64, domain: str = "default",
                   min_objects: int = 2, max_objects: int = 5,
                   min_visible_pixels: int = MIN_VISIBLE_PIXELS) -> list[dict[str, Any]]:
-    """Render world scenes ``(seed, index)`` for each index, with the ground truth of every task.
+    """Render world scenes ``(seed, index)`` for each index: the image and its raw render buffers.
 
     Each scene is a pure function of (seed, index, image_size, domain, min/max objects): the same
     inputs give byte-identical arrays whatever other indices are in the batch, so any split can be
-    regenerated anywhere, in any partition. Returns one dict per index with ``image`` (uint8 HxWx3),
-    ``classification``, ``detection``, ``segmentation``, ``depth`` (z-depth, metres), ``normals``
-    (camera frame, OpenGL axes, facing the camera), ``instances`` and ``meta`` (see the package
-    docstring for the exact forms)."""
+    regenerated anywhere, in any partition. Returns one dict of buffers per index (see the package
+    docstring for the exact forms): ``image``, ``depth``, ``normals``, ``instances``,
+    ``instance_categories``, ``instance_pixels``, ``instance_boxes``, ``instance_visible``
+    (>= ``min_visible_pixels`` pixels) and ``meta``."""
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     scenes = [sample_scene(seed, int(i), domain, min_objects, max_objects) for i in indices]
@@ -246,8 +249,8 @@ def _tonemap(albedo, lit, cam, shape):
 
 
 def _assemble(scenes, table, K, size, image, depth, normals, instances, min_visible):
-    """Per-scene label dicts from the batch arrays (boxes, classes, segmentation, ...)."""
-    B = len(scenes)
+    """Per-scene buffer dicts from the batch arrays, with per-instance measurements (category,
+    visible pixels, tight box) for the tasks to derive their labels from."""
     onehot = instances[:, None] == np.arange(K, dtype=np.int32)[None, :, None, None]  # (B, K, H, W)
     counts = onehot.sum(axis=(2, 3))
     rows, cols = onehot.any(axis=3), onehot.any(axis=2)
@@ -255,24 +258,18 @@ def _assemble(scenes, table, K, size, image, depth, normals, instances, min_visi
     x0, x1 = cols.argmax(axis=2), size - cols[:, :, ::-1].argmax(axis=2)
     boxes = np.stack([x0, y0, x1, y1], axis=-1).astype(np.float32) / np.float32(size)
     cats = table[:, :K, _TYPE].astype(np.int32)
-    seg = np.where(instances >= 0, np.take_along_axis(cats, instances.reshape(B, -1).clip(0), 1).reshape(
-        instances.shape) + 1, 0).astype(np.uint8)
     out = []
     for b, scene in enumerate(scenes):
         n = len(scene.objects)
-        keep = np.nonzero(counts[b, :n] >= min_visible)[0]
-        # Largest visible instance; in the rare scene with no visible object, slot 0 (or class 0).
-        label = int(cats[b, int(counts[b, :n].argmax())]) if n else 0
         out.append({
             "image": image[b].copy(),
-            "classification": {"label": label, "topk_ids": np.array([label], dtype=np.int32),
-                               "topk_probs": np.array([1.0], dtype=np.float32)},
-            "detection": {"boxes": boxes[b, keep].copy(), "classes": cats[b, keep].copy(),
-                          "scores": np.ones(keep.size, dtype=np.float32)},
-            "segmentation": seg[b].copy(),
             "depth": depth[b].copy(),
             "normals": normals[b].copy(),
             "instances": instances[b].copy(),
+            "instance_categories": cats[b, :n].copy(),
+            "instance_pixels": counts[b, :n].astype(np.int64),
+            "instance_boxes": boxes[b, :n].copy(),
+            "instance_visible": counts[b, :n] >= min_visible,
             "meta": scene.meta(size),
         })
     return out

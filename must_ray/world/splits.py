@@ -17,11 +17,15 @@ import pyarrow as pa
 from ray.data.datasource import FilenameProvider
 
 from must_ray import __version__
-from must_ray.config import Config, ConfigError, SplitConfig, WorldConfig, config_to_dict
+from must_ray.config import Config, SplitConfig, WorldConfig
 from must_ray.images import encode_png
 from must_ray.io import write_atomic
 from must_ray.table import examples_schema, rows_to_table
 from must_ray.tasks import build_tasks
+from must_ray.typed_config import ConfigError, config_to_dict
+from must_ray.world.labels import scene_labels
+from must_ray.world.render import render_scenes
+from must_ray.world.scenes import CATEGORIES, NUM_CATEGORIES
 
 WORLD_SOURCE = "must-ray-world"
 
@@ -33,8 +37,6 @@ def image_id_for(seed: int, domain: str, index: int) -> str:
 
 def split_provenance(world: WorldConfig, name: str, split: SplitConfig) -> dict[str, Any]:
     """What the Parquet metadata records about a world split."""
-    from must_ray.world import CATEGORIES
-
     return {
         "kind": "world",
         "split": name,
@@ -49,19 +51,16 @@ def split_provenance(world: WorldConfig, name: str, split: SplitConfig) -> dict[
 class RenderBatch:
     """Ray Data batch function: indices -> examples-table rows for one split.
 
-    A class (not a closure) so the task objects are built once per worker."""
+    A class (not a closure) so the task objects are built once per worker. Every task derives its
+    label from the scene's raw render buffers (``Task.world_label``)."""
 
     def __init__(self, world: WorldConfig, split: SplitConfig, task_cfgs: dict, image_dir: Optional[str] = None):
-        from must_ray.world import NUM_CATEGORIES
-
         self.world = world
         self.split = split
         self.tasks = build_tasks(split.tasks, NUM_CATEGORIES, task_cfgs)
         self.image_dir = image_dir
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from must_ray.world import render_scenes
-
         indices = [int(self.split.seed_offset + i) for i in batch["id"]]
         scenes = render_scenes(
             self.world.seed, indices, image_size=self.world.image_size, domain=self.split.domain,
@@ -75,8 +74,8 @@ class RenderBatch:
                 _write_image_file(self.image_dir, image_id, png)
             h, w = scene["image"].shape[:2]
             row = {"image_id": image_id, "image": png, "source": WORLD_SOURCE, "height": h, "width": w}
-            for name, task in self.tasks.items():
-                row.update(task.encode(scene[name]))
+            for name, label in scene_labels(scene, self.tasks).items():
+                row.update(self.tasks[name].encode(label))
             rows.append(row)
         return rows_to_table(rows, list(self.tasks))
 

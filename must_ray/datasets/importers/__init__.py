@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from must_ray.datasets.importers.common import DatasetError, ImportPlan, Quarantine, quarantine_path, run_import
+from must_ray.task_registry import task_config
 
 FORMATS = ("imagefolder", "csv", "json", "coco", "voc", "depth", "normals")
 FORMAT_TASK = {"imagefolder": "classification", "csv": "classification", "json": "classification",
@@ -59,12 +60,11 @@ def plan_import(fmt: str, *, images: Optional[str] = None, annotations: Optional
 def prepare_import(fmt: str, task_cfgs: Optional[dict] = None, **options: Any) -> tuple[ImportPlan, Any]:
     """The plan of importing ``fmt`` (driver side, no Ray) and the task config to encode with.
     ``task_cfgs``: the config's ``tasks`` section (the depth table scale comes from it)."""
-    from must_ray.config import TaskConfig
-
     task = FORMAT_TASK.get(fmt)
     if task is None:
-        raise DatasetError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    cfg = (task_cfgs or {}).get(task) or TaskConfig()
+        raise DatasetError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)} (tasks without an "
+                           "importer are imported as examples tables written by your own code)")
+    cfg = task_config(task, (task_cfgs or {}).get(task))
     if fmt == "depth":
         options["table_depth_scale"] = cfg.depth_scale
     return plan_import(fmt, **options), cfg

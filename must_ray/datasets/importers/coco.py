@@ -35,10 +35,10 @@ from must_ray.datasets.importers.common import (
     read_bytes,
     records_json,
 )
+from must_ray.tasks.detection import make_label
 
 
 def build_label(record: dict, height: int, width: int, options: dict) -> Any:
-    from must_ray.tasks.detection import make_label
 
     ann = json.loads(record["ann"])
     jw, jh = ann["w"], ann["h"]

@@ -36,10 +36,18 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
+from must_ray import __version__
+from must_ray.images import BadImageError, decode_image, encode_png
 from must_ray.io import is_uri, write_atomic
+from must_ray.storage import ALLOW_LOCAL_ENV, MULTI_NODE_ENV, check_shared_storage, cluster_node_count, read_mounts
+from must_ray.table import examples_schema, rows_to_table
+from must_ray.tasks import build_task
+from must_ray.world.splits import SplitFilenames
 
 #: file extensions treated as images when listing folders (lower case)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
@@ -76,7 +84,6 @@ class Quarantine(Exception):
 
 
 def _fs_and_path(path: str):
-    import pyarrow.fs as pafs
 
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
@@ -119,14 +126,12 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def is_dir(path: str) -> bool:
-    import pyarrow.fs as pafs
 
     fs, p = _fs_and_path(path)
     return fs.get_file_info(p).type == pafs.FileType.Directory
 
 
 def is_file(path: str) -> bool:
-    import pyarrow.fs as pafs
 
     fs, p = _fs_and_path(path)
     return fs.get_file_info(p).type == pafs.FileType.File
@@ -134,7 +139,6 @@ def is_file(path: str) -> bool:
 
 def remove_dir(path: str) -> None:
     """Delete a directory tree if it exists."""
-    import pyarrow.fs as pafs
 
     fs, p = _fs_and_path(path)
     if fs.get_file_info(p).type == pafs.FileType.Directory:
@@ -145,7 +149,6 @@ def list_files(root: str, extensions: Optional[Sequence[str]] = None) -> list[st
     """Paths (relative to ``root``, ``/``-separated, sorted) of the files under ``root``,
     recursively; hidden files and folders (``.xxx``) are left out; ``extensions`` filters by
     lower-case suffix."""
-    import pyarrow.fs as pafs
 
     fs, p = _fs_and_path(root)
     if fs.get_file_info(p).type != pafs.FileType.Directory:
@@ -173,13 +176,6 @@ def check_shared_locations(locations: Sequence[tuple[str, Optional[str]]]) -> No
     """On a multi-node cluster, every ``(flag, location)`` that Ray tasks read or write must be
     storage all nodes see (a URI or a shared mount); raises ConfigError naming the flag otherwise.
     Same rules and environment switches as :func:`must_ray.storage.check_cluster_paths`."""
-    from must_ray.storage import (
-        ALLOW_LOCAL_ENV,
-        MULTI_NODE_ENV,
-        check_shared_storage,
-        cluster_node_count,
-        read_mounts,
-    )
 
     def truthy(name: str) -> bool:
         return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
@@ -248,7 +244,6 @@ def stored_image_bytes(data: bytes, rgb: np.ndarray) -> tuple[bytes, bool]:
     PNG or JPEG in RGB or grey without an EXIF rotation. Anything else (EXIF-rotated, alpha,
     palette, 16-bit, CMYK, other formats) is stored as a PNG of the decoded RGB pixels, so the
     table's ``height``/``width`` always describe what a reader sees."""
-    from must_ray.images import encode_png
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -332,9 +327,6 @@ def build_rows(batch: pa.Table, *, task_name: str, num_classes: int, task_cfg: A
                build_label: Callable, options: dict, parts_dir: str, max_pixels: int) -> pa.Table:
     """Ray Data batch function: records -> examples-table rows; unusable records are written to a
     quarantine part file (deterministic name, so a retried task overwrites its own part)."""
-    from must_ray.images import BadImageError, decode_image
-    from must_ray.table import rows_to_table
-    from must_ray.tasks import build_task
 
     task = build_task(task_name, num_classes, task_cfg)
     rows, bad = [], []
@@ -371,7 +363,6 @@ def build_rows(batch: pa.Table, *, task_name: str, num_classes: int, task_cfg: A
 
 
 def _count_rows(out: str) -> int:
-    import pyarrow.dataset as pads
 
     if not is_dir(out):
         return 0
@@ -408,9 +399,6 @@ def run_import(plan: ImportPlan, out: str, *, task_cfg: Any = None, rows_per_fil
     import ray
     from ray.data import DataContext, SaveMode
 
-    from must_ray import __version__
-    from must_ray.table import examples_schema
-    from must_ray.world.splits import SplitFilenames
 
     if rows_per_file < 1 or batch_size < 1:
         raise DatasetError("--rows-per-file and --batch-size must be >= 1")

@@ -26,6 +26,7 @@ from must_ray.datasets.importers.common import (
     open_label_image,
     pair_records,
 )
+from must_ray.images import encode_png
 
 CONVENTIONS = ("opengl", "opencv")
 
@@ -59,7 +60,6 @@ def build_label(record: dict, height: int, width: int, options: dict) -> Any:
     rgb = convert_rgb(np.asarray(img), options["convention"], options["black_invalid"])
     # Already in the column's 8-bit encoding: store the values as they are (NormalsTask.encode
     # takes float vectors and would re-normalise and re-round the quantised ones).
-    from must_ray.images import encode_png
 
     return Cells({"normals_png": encode_png(rgb)})
 
