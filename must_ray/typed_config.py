@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -93,9 +93,20 @@ def build_dataclass(cls: type, data: dict, prefix: str) -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            raise ConfigError(f"{key}: unknown key; valid keys here: {', '.join(sorted(names))}")
+            moved = _nested_field(hints, str(k))
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{moved}?)" if moved else ""
+            raise ConfigError(f"{key}: unknown key{hint}; valid keys here: {', '.join(sorted(names))}")
         kwargs[k] = coerce_value(v, hints[k], key)
     return cls(**kwargs)
+
+
+def _nested_field(hints: dict[str, Any], name: str) -> Optional[str]:
+    """``group.name`` when a nested dataclass section of these fields has a field ``name`` (a key
+    written at the wrong level, e.g. a flat ``lr`` that lives in ``optimizer``)."""
+    for group, tp in hints.items():
+        if dataclasses.is_dataclass(tp) and name in {f.name for f in dataclasses.fields(tp)}:
+            return f"{group}.{name}"
+    return None
 
 
 def validate_tree(obj: Any, key: str) -> None:

@@ -100,6 +100,15 @@ def test_bad_values_fail_naming_the_key(overrides, fragment):
     assert fragment in str(info.value)
 
 
+def test_a_key_at_the_wrong_level_names_where_it_lives():
+    with pytest.raises(ConfigError, match=r"student\.lr: unknown key \(did you mean student\.optimizer\.lr\?\)"):
+        config_from_dict({}, ["student.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"teacher\.max_steps: unknown key \(did you mean teacher\.schedule\.max_steps"):
+        config_from_dict({"teacher": {"max_steps": 3}})
+    with pytest.raises(ConfigError, match=r"student\.nonsense: unknown key; valid keys here"):
+        config_from_dict({}, ["student.nonsense=1"])
+
+
 def test_teacher_per_task_recipe_merges_over_the_teacher_section():
     from must_ray.config import teacher_config
 

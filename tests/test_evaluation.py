@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from must_ray.config import EvalConfig, SplitConfig
+from must_ray.config import EvalConfig, SplitConfig, TransferConfig
 from must_ray.evaluate.compare import compare, comparison_passed, passes, write_metrics
 from must_ray.evaluate.scoring import (
     BatchScorer,
@@ -256,7 +256,7 @@ def test_transfer_table_random_vs_pretrained_backbone(demo_config, tmp_path):
         assert all(math.isfinite(v) for v in r["values"].values()), r["values"]
     assert res["rows"][1]["source"] == "random:test_resnet"
     assert set(beats_all(res, "depth_pretrained")) == set(probe_tasks)
-    again = transfer_evaluate({"random": "random:test_resnet"}, train, test, tasks=["depth"])
+    again = transfer_evaluate({"random": "random:test_resnet"}, train, test, TransferConfig(tasks=["depth"]))
     assert again["rows"][0]["values"]["depth"] == res["rows"][1]["values"]["depth"]  # deterministic (seeded)
     files = write_transfer(str(tmp_path / "rep"), res)
     _no_constants(open(files["transfer_json"]).read())

@@ -39,7 +39,7 @@ import pyarrow.dataset as pads
 import torch
 import torch.nn.functional as F
 
-from must_ray.config import SplitConfig
+from must_ray.config import SplitConfig, TransferConfig
 from must_ray.evaluate.compare import beats
 from must_ray.evaluate.scoring import compute_metrics, score_batch
 from must_ray.images import decode_image, resize_rgb
@@ -293,22 +293,23 @@ def probe_task(task: Task, train_levels: Sequence[np.ndarray], train_labels: Seq
 
 
 def transfer_evaluate(backbones: Mapping[str, Optional[str]], train_table: str, test_table: str,
-                      tasks: Optional[Sequence[str]] = None, *, features: str = "backbone",
-                      pixels_per_image: int = 64, lambdas: Sequence[float] = DEFAULT_RIDGE,
-                      val_fraction: float = 0.25, seed: int = 0, batch_size: int = 64,
+                      tc: Optional[TransferConfig] = None, *, domain: Optional[str] = None,
                       max_train: Optional[int] = None, max_test: Optional[int] = None,
-                      num_classes: Optional[int] = None, domain: Optional[str] = None) -> dict[str, Any]:
+                      num_classes: Optional[int] = None) -> dict[str, Any]:
     """The transfer table: for each backbone (``{row name: model file or "random" /
     "random:<timm name>"}``; a bare ``"random"`` copies the architecture of the first model file),
     fit each task's probe on ``train_table`` and score it on ``test_table``.
 
-    ``tasks``: default every registered task with a light probe (``Task.probe``) and labels in
-    both tables. Returns
+    ``tc``: the probe settings (``tasks``, ``features``, ``pixels_per_image``, ``ridge``,
+    ``val_fraction``, ``seed``, ``batch_size``; default ``TransferConfig()``); its ``tasks`` default
+    to every registered task with a light probe (``Task.probe``), and only tasks with labels in
+    both tables are probed. ``domain`` is recorded in the result. Returns
     ``{"tasks", "columns": {task: primary metric}, "higher_is_better": {task: bool}, "rows": [{
     "backbone", "source", "values": {task: primary}, "metrics": {task: {...}}, "lambda",
     "extract_s"}], "best": {task: row name}, "train_table", "test_table", "train_rows",
     "test_rows", "probe": {...}, "wall_s"}``."""
     start = time.time()
+    tc = tc or TransferConfig()
     if not backbones:
         raise ValueError("transfer_evaluate needs at least one backbone")
     classes = table_classes([train_table, test_table], required=False)
@@ -316,7 +317,7 @@ def transfer_evaluate(backbones: Mapping[str, Optional[str]], train_table: str, 
         if not classes:
             raise ValueError("the transfer tables record no class vocabulary; pass num_classes")
         num_classes = len(classes)
-    wanted = list(tasks) if tasks is not None else list(probe_task_names())
+    wanted = list(tc.tasks) or list(probe_task_names())
     for t in wanted:
         if not get_task_class(t).probe:
             raise _no_probe(t)
@@ -327,47 +328,57 @@ def transfer_evaluate(backbones: Mapping[str, Optional[str]], train_table: str, 
     if not probed:
         raise ValueError(f"no task of {wanted} has labels in both {train_table} and {test_table}")
     task_objs = {t: build_task(t, num_classes) for t in probed}
-    test_sizes = [tuple(int(s) for s in im.shape[:2]) for im in test_images]
+    train = (train_images, {t: train_labels[t] for t in probed})
+    test = (test_images, {t: test_labels[t] for t in probed})
     reference = next((s for s in backbones.values() if s and not str(s).startswith(RANDOM)), None)
-    rows = []
-    for name, spec in backbones.items():
-        t0 = time.time()
-        enc, desc = load_encoder(spec, features=features, reference=reference, seed=seed)
-        size = desc.get("image_size")
-        train_levels = extract_features(enc, train_images, batch_size, size)
-        test_levels = extract_features(enc, test_images, batch_size, size)
-        extract_s = time.time() - t0
-        row: dict[str, Any] = {"backbone": name, **desc, "values": {}, "metrics": {}, "lambda": {},
-                               "extract_s": round(extract_s, 3)}
-        for t in probed:
-            res = probe_task(copy.deepcopy(task_objs[t]), train_levels, train_labels[t], test_levels, test_labels[t],
-                             test_sizes, pixels_per_image=pixels_per_image, lambdas=lambdas,
-                             val_fraction=val_fraction, seed=seed)
-            row["values"][t] = res["value"]
-            row["metrics"][t] = res["metrics"]
-            row["lambda"][t] = res["lambda"]
-        row["fit_s"] = round(time.time() - t0 - extract_s, 3)
-        rows.append(row)
-        del enc, train_levels, test_levels
-    best = {}
-    for t in probed:
-        hib = task_objs[t].higher_is_better
-        vals = [r["values"][t] for r in rows if not math.isnan(r["values"][t])]
-        if vals:
-            top = max(vals) if hib else min(vals)
-            best[t] = next(r["backbone"] for r in rows if r["values"][t] == top)  # first of any ties
+    rows = [_probe_backbone(name, spec, reference, task_objs, train, test, tc) for name, spec in backbones.items()]
     return {
         "tasks": probed,
         "columns": {t: task_objs[t].primary_metric for t in probed},
         "higher_is_better": {t: bool(task_objs[t].higher_is_better) for t in probed},
         "rows": rows,
-        "best": best,
+        "best": _best_rows(rows, task_objs),
         "train_table": str(train_table), "test_table": str(test_table), "domain": domain,
         "train_rows": len(train_images), "test_rows": len(test_images),
-        "probe": {"features": features, "kind": "ridge", "pixels_per_image": pixels_per_image,
-                  "lambdas": list(lambdas), "val_fraction": val_fraction, "seed": seed},
+        "probe": {"features": tc.features, "kind": "ridge", "pixels_per_image": tc.pixels_per_image,
+                  "lambdas": list(tc.ridge), "val_fraction": tc.val_fraction, "seed": tc.seed},
         "wall_s": round(time.time() - start, 3),
     }
+
+
+def _probe_backbone(name: str, spec: Optional[str], reference: Optional[str], task_objs: Mapping[str, Task],
+                    train: tuple, test: tuple, tc: TransferConfig) -> dict[str, Any]:
+    """One row of the transfer table: ``spec``'s frozen features of both splits, every task's probe."""
+    t0 = time.time()
+    (train_images, train_labels), (test_images, test_labels) = train, test
+    enc, desc = load_encoder(spec, features=tc.features, reference=reference, seed=tc.seed)
+    size = desc.get("image_size")
+    train_levels = extract_features(enc, train_images, tc.batch_size, size)
+    test_levels = extract_features(enc, test_images, tc.batch_size, size)
+    extract_s = time.time() - t0
+    test_sizes = [tuple(int(s) for s in im.shape[:2]) for im in test_images]
+    row: dict[str, Any] = {"backbone": name, **desc, "values": {}, "metrics": {}, "lambda": {},
+                           "extract_s": round(extract_s, 3)}
+    for t, task in task_objs.items():
+        res = probe_task(copy.deepcopy(task), train_levels, train_labels[t], test_levels, test_labels[t],
+                         test_sizes, pixels_per_image=tc.pixels_per_image, lambdas=tc.ridge,
+                         val_fraction=tc.val_fraction, seed=tc.seed)
+        row["values"][t] = res["value"]
+        row["metrics"][t] = res["metrics"]
+        row["lambda"][t] = res["lambda"]
+    row["fit_s"] = round(time.time() - t0 - extract_s, 3)
+    return row
+
+
+def _best_rows(rows: Sequence[Mapping[str, Any]], task_objs: Mapping[str, Task]) -> dict[str, str]:
+    """``{task: the backbone with the best probe}`` (the first of any ties; NaN values never win)."""
+    best = {}
+    for t, task in task_objs.items():
+        vals = [r["values"][t] for r in rows if not math.isnan(r["values"][t])]
+        if vals:
+            top = max(vals) if task.higher_is_better else min(vals)
+            best[t] = next(r["backbone"] for r in rows if r["values"][t] == top)
+    return best
 
 
 def beats_all(result: Mapping[str, Any], name: str, against: Optional[Sequence[str]] = None) -> dict[str, bool]:
@@ -473,9 +484,7 @@ def run_transfer(cfg, backbones: Mapping[str, Optional[str]], train_table: Optio
         train_table, test_table = train_table or made["train"], test_table or made["test"]
     if tc.random_backbone and not any(str(s).startswith(RANDOM) or s is None for s in backbones.values()):
         backbones = {**backbones, RANDOM: RANDOM}
-    return transfer_evaluate(backbones, train_table, test_table, tc.tasks, features=tc.features,
-                             pixels_per_image=tc.pixels_per_image, lambdas=tc.ridge, val_fraction=tc.val_fraction,
-                             seed=tc.seed, batch_size=tc.batch_size, domain=None if tc.train_data else tc.domain)
+    return transfer_evaluate(backbones, train_table, test_table, tc, domain=None if tc.train_data else tc.domain)
 
 
 __all__ = [

@@ -21,6 +21,7 @@ the ``width``/``height`` in the JSON (e.g. an EXIF rotation), is quarantined.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -60,14 +61,37 @@ def _require(obj: dict, key: str, where: str, path: str) -> Any:
 def plan_coco(annotations: str, images: Optional[str] = None, id_prefix: str = "") -> ImportPlan:
     """``annotations``: the COCO JSON; ``images``: the folder its ``file_name``s are relative to
     (default: the JSON's folder)."""
-    import os
-
     if not annotations:
         raise DatasetError("coco: --annotations instances_xxx.json is required")
     path = absolute(annotations)
     root = absolute(images) if images else os.path.dirname(path)
     if not is_dir(root):
         raise DatasetError(f"coco: image folder {root} is not a directory (set --images)")
+    data = _read_coco(path)
+    anns = data.get("annotations", [])
+    source_ids, classes = _categories(_require(data, "categories", "the file", path), path)
+    by_id = _images(_require(data, "images", "the file", path), path)
+    crowd, degenerate = _add_boxes(by_id, anns, {cid: i for i, cid in enumerate(source_ids)}, path)
+    records = []
+    empty = 0
+    for iid, e in by_id.items():
+        empty += not e["boxes"]
+        records.append({
+            "image_id": id_prefix + e["file_name"], "path": join(root, e["file_name"]),
+            "ann": records_json({"coco_id": iid, "w": e["w"], "h": e["h"], "boxes": e["boxes"], "classes": e["classes"]}),
+        })
+    if not records:
+        raise DatasetError(f"{path}: no images")
+    records.sort(key=lambda r: r["image_id"])
+    return ImportPlan(
+        format="coco", task="detection", records=records, build_label=build_label, classes=classes,
+        provenance={"source": path, "image_root": root, "source_class_ids": source_ids},
+        counts={"annotations": len(anns), "crowd_boxes_dropped": crowd, "degenerate_boxes_dropped": degenerate,
+                "images_without_boxes": empty},
+    )
+
+
+def _read_coco(path: str) -> dict:
     try:
         data = json.loads(read_bytes(path))
     except FileNotFoundError:
@@ -76,25 +100,25 @@ def plan_coco(annotations: str, images: Optional[str] = None, id_prefix: str = "
         raise DatasetError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a COCO object with images/annotations/categories")
-    imgs = _require(data, "images", "the file", path)
-    anns = data.get("annotations", [])
-    cats = _require(data, "categories", "the file", path)
+    return data
 
-    # categories -> contiguous ids in ascending COCO id order
-    cat_ids = []
+
+def _categories(cats: list, path: str) -> tuple[list, list[str]]:
+    """``(COCO category ids ascending, their names)``: our contiguous class ids follow that order."""
     names_by_id = {}
     for i, c in enumerate(cats):
         cid = _require(c, "id", f"categories[{i}]", path)
         if cid in names_by_id:
             raise DatasetError(f"{path}: duplicate category id {cid}")
         names_by_id[cid] = str(_require(c, "name", f"categories[{i}] (id {cid})", path))
-        cat_ids.append(cid)
-    if not cat_ids:
+    if not names_by_id:
         raise DatasetError(f"{path}: no categories")
-    source_ids = sorted(cat_ids)
-    contiguous = {cid: i for i, cid in enumerate(source_ids)}
-    classes = [names_by_id[cid] for cid in source_ids]
+    source_ids = sorted(names_by_id)
+    return source_ids, [names_by_id[cid] for cid in source_ids]
 
+
+def _images(imgs: list, path: str) -> dict[Any, dict]:
+    """``{COCO image id: {file_name, w, h, boxes: [], classes: []}}``; ids and file names unique."""
     by_id: dict[Any, dict] = {}
     seen_files: dict[str, Any] = {}
     for i, im in enumerate(imgs):
@@ -106,7 +130,12 @@ def plan_coco(annotations: str, images: Optional[str] = None, id_prefix: str = "
             raise DatasetError(f"{path}: images {seen_files[fname]} and {iid} share file_name {fname!r}")
         seen_files[fname] = iid
         by_id[iid] = {"file_name": fname, "w": im.get("width"), "h": im.get("height"), "boxes": [], "classes": []}
+    return by_id
 
+
+def _add_boxes(by_id: dict[Any, dict], anns: list, contiguous: dict, path: str) -> tuple[int, int]:
+    """Add every annotation's box (xyxy, clipped to the image) and class to its image; crowd
+    annotations and boxes with no area are dropped. Returns ``(crowd, degenerate)`` counts."""
     crowd = degenerate = 0
     for i, a in enumerate(anns):
         aid = a.get("id", f"#{i}")
@@ -116,7 +145,7 @@ def plan_coco(annotations: str, images: Optional[str] = None, id_prefix: str = "
         cid = _require(a, "category_id", f"annotation {aid}", path)
         if cid not in contiguous:
             raise DatasetError(f"{path}: annotation {aid} (image {by_id[iid]['file_name']}) has category id {cid}, "
-                               f"which is not in 'categories' (known: {source_ids})")
+                               f"which is not in 'categories' (known: {sorted(contiguous)})")
         if a.get("iscrowd", 0):
             crowd += 1
             continue
@@ -135,21 +164,4 @@ def plan_coco(annotations: str, images: Optional[str] = None, id_prefix: str = "
             continue
         entry["boxes"].append([x0, y0, x1, y1])
         entry["classes"].append(contiguous[cid])
-
-    records = []
-    empty = 0
-    for iid, e in by_id.items():
-        empty += not e["boxes"]
-        records.append({
-            "image_id": id_prefix + e["file_name"], "path": join(root, e["file_name"]),
-            "ann": records_json({"coco_id": iid, "w": e["w"], "h": e["h"], "boxes": e["boxes"], "classes": e["classes"]}),
-        })
-    if not records:
-        raise DatasetError(f"{path}: no images")
-    records.sort(key=lambda r: r["image_id"])
-    return ImportPlan(
-        format="coco", task="detection", records=records, build_label=build_label, classes=classes,
-        provenance={"source": path, "image_root": root, "source_class_ids": source_ids},
-        counts={"annotations": len(anns), "crowd_boxes_dropped": crowd, "degenerate_boxes_dropped": degenerate,
-                "images_without_boxes": empty},
-    )
+    return crowd, degenerate
