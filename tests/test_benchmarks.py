@@ -13,7 +13,7 @@ import pytest
 from benchmarks.doc import BEGIN, END
 from tests.conftest import REPO
 
-# the label benchmark is exercised by tests/test_labeling.py::test_benchmark_label_smoke
+# the label benchmark is exercised by tests/label/test_labeling.py::test_benchmark_label_smoke
 ONLY = ["train", "loader", "flops", "memory", "scaling"]
 
 

@@ -17,7 +17,7 @@ from must_ray.datasets.importers import DatasetError
 from must_ray.images import decode_png, encode_png
 from must_ray.tasks import build_tasks, registered_task_names
 from must_ray.tasks.normals import encode_normals
-from tests.test_importers import NAMES, H, W, world_truth
+from tests.datasets.test_importers import NAMES, H, W, world_truth
 
 TASKS = list(registered_task_names())
 
