@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from must_ray.config import Config, TrainConfig, teacher_config
-from must_ray.io import HISTORY_FILE, MODEL_FILE, is_uri
+from must_ray.io import HISTORY_FILE, MODEL_FILE, atomic_path, is_uri
 from must_ray.storage import (
     MULTI_NODE_ENV,
     check_job_output_paths,
@@ -276,9 +276,8 @@ def export_outputs(result, plan: TrainPlan) -> tuple[dict, list[dict]]:
         if not os.path.exists(os.path.join(d, MODEL_FILE)):
             raise RuntimeError(f"the final checkpoint of {plan.run_name!r} ({result.checkpoint.path}) has no "
                                f"{MODEL_FILE}")
-        tmp = f"{model_path}.tmp-{os.getpid()}"
-        shutil.copyfile(os.path.join(d, MODEL_FILE), tmp)
-        os.replace(tmp, model_path)
+        with atomic_path(model_path) as tmp:
+            shutil.copyfile(os.path.join(d, MODEL_FILE), tmp)
         history = read_history(d)
     write_history(os.path.join(plan.stage, HISTORY_FILE), history)
     return meta, history
