@@ -220,8 +220,9 @@ def benchmark_label(cfg: Config, options: LabelOptions = LabelOptions()) -> dict
 
         def run_ray() -> None:
             out = os.path.join(workdir, "ray_labels")
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(out + "_quarantine", ignore_errors=True)
+            from must_ray.label.store import OutputStore  # imports torch and ray
+
+            OutputStore(out).clear()  # the table, its quarantine and its manifest: a fresh run
             ray_runs.append(ray_job(cfg, image_dir, out))
 
         for r in range(max(1, repeats)):

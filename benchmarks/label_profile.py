@@ -1,6 +1,6 @@
 """The labelling benchmarks' view of a run: a :class:`~must_ray.label.run.RunObserver` that reads
 every committed shard's report and adds the figures a benchmark needs beyond the job's summary —
-actor start-up, the steady rate, whether decoding stayed out of the actors, the actors' peak
+the actor's start-up timeline, whether decoding stayed out of the actors, the actors' peak
 memory and CPU seconds. The production job computes none of them."""
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ class LabelProfile(RunObserver):
         self.peak_rss: dict[int, float] = {}  # pid -> the actor's peak RSS (MiB) at its last commit
         self.cpu_s = 0.0  # CPU seconds the actor processes spent on the shards (teachers, encoding, commit)
         self.decoded_in_actor = 0
-        self.commits: list[tuple[float, int]] = []  # (epoch seconds, images) per committed shard
 
     def pipeline_started(self, epoch_s: float) -> None:
         self.started_at = epoch_s
@@ -32,7 +31,6 @@ class LabelProfile(RunObserver):
         self.peak_rss[pid] = max(self.peak_rss.get(pid, 0.0), report["peak_rss_mb"])
         self.cpu_s += report["cpu_s"]
         self.decoded_in_actor += int(report["decoded_here"])
-        self.commits.append((report["committed_at"], report["rows"] + report["quarantined"]))
 
     def figures(self) -> dict[str, Any]:
         """The run's benchmark figures (None where no shard was labelled)."""
@@ -45,8 +43,6 @@ class LabelProfile(RunObserver):
             "actor_init_s": round(max(i for _, i in self.actors.values()), 2) if self.actors else None,
             # first actor, seconds after the pipeline started: process up, imports done, teachers built
             "actor_timeline_s": self._timeline(t0),
-            # steady state: images per second from the first actor being ready to the last commit
-            "steady_images_per_s": self._steady_rate(first_ready),
             "shards_decoded_in_actor": self.decoded_in_actor,  # 0: decode ran in its own tasks, overlapped
             "actor_peak_rss_mb": max(self.peak_rss.values()) if self.peak_rss else None,  # the largest actor's
             "actor_cpu_s": round(self.cpu_s, 2),  # vs pipeline_s x actors: CPU the actors got (contention shows here)
@@ -60,19 +56,14 @@ class LabelProfile(RunObserver):
                 "imports_done": round(imp1 - t0, 2), "teachers_built": round(ready - t0, 2),
                 "constructor_began": round(init0 - t0, 2)}
 
-    def _steady_rate(self, first_ready: Optional[float]) -> Optional[float]:
-        if first_ready is None or not self.commits:
-            return None
-        end = max(t for t, _ in self.commits)
-        return round(sum(n for _, n in self.commits) / max(end - first_ready, 1e-9), 2)
-
 
 def profiled_labeling(cfg: Config, image_dir: str, out_dir: str) -> dict[str, Any]:
     """``run_labeling`` of ``image_dir`` into ``out_dir`` (no progress lines) with a profile: the
-    job's summary plus :meth:`LabelProfile.figures`."""
+    job's summary (its ``images_per_s`` is the steady rate, also as ``steady_images_per_s``) plus
+    :meth:`LabelProfile.figures`."""
     profile = LabelProfile()
     summary = run_labeling(cfg, image_dir, out_dir, log_every_s=1e9, observer=profile)
-    return {**summary, **profile.figures()}
+    return {**summary, "steady_images_per_s": summary["images_per_s"], **profile.figures()}
 
 
 __all__ = ["LabelProfile", "profiled_labeling"]

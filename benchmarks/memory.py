@@ -29,11 +29,11 @@ def labeling_run(cfg: Config, image_dir: str, out_dir: str) -> dict[str, Any]:
     """One labelling run into a fresh ``out_dir``; the summary fields the memory and scaling
     benchmarks read (the job's summary and its profile, :mod:`benchmarks.label_profile`)."""
     from benchmarks.label_profile import profiled_labeling
+    from must_ray.label.store import OutputStore  # imports torch and ray
 
-    shutil.rmtree(out_dir, ignore_errors=True)
-    shutil.rmtree(out_dir + "_quarantine", ignore_errors=True)
+    OutputStore(out_dir).clear()  # the table, its quarantine and its manifest: a fresh run
     s = profiled_labeling(cfg, image_dir, out_dir)
-    keys = ("inputs", "rows", "quarantined", "shards", "actors_used", "images_per_s", "steady_images_per_s",
+    keys = ("inputs", "rows", "quarantined", "shards", "actors_used", "end_to_end_images_per_s", "steady_images_per_s",
             "pipeline_s", "actor_start_s", "actor_peak_rss_mb", "actor_cpu_s", "stage_s", "shards_decoded_in_actor")
     return {k: s[k] for k in keys}
 

@@ -132,7 +132,7 @@ def benchmark_scaling(cfg: Config, options: ScalingOptions = ScalingOptions()) -
         capacity.append(parallel_capacity(sizes[-1], per_actor, probe_seconds))
         ceiling = round(sum(capacity) / len(capacity), 3)
         steady = {a: median(x["steady_images_per_s"] for x in rs) for a, rs in runs.items()}
-        e2e = {a: median(x["images_per_s"] for x in rs) for a, rs in runs.items()}
+        e2e = {a: median(x["end_to_end_images_per_s"] for x in rs) for a, rs in runs.items()}
         # CPU the actor processes used per image: equal across pool sizes = no extra work per image,
         # so a missing speedup is CPU the actors did not get (contention), not overhead
         cpu_ms = {a: median(1000 * x["actor_cpu_s"] / max(x["inputs"], 1) for x in rs) for a, rs in runs.items()}

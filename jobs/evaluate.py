@@ -14,18 +14,16 @@ teacher's (higher is better) or <= 1.02x (lower is better; evaluate.tolerance). 
 """
 import os
 
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job
-from must_ray.typed_config import ConfigError
+from must_ray.cli import add_model_flags, check_tables_exist, init_ray, job_parser, load_job_config, run_job
 
 
 def main() -> dict:
     lines = __doc__.splitlines()
     parser = job_parser(lines[0], "\n".join(lines[2:]))
-    from must_ray.evaluate.run import add_model_flags
-
     add_model_flags(parser)
     parser.add_argument("--data", action="append", metavar="TABLE",
-                        help="labelled examples table (repeatable; default evaluate.data or <paths.root>/<paths.world>/test)")
+                        help="labelled examples table (repeatable; default evaluate.data or "
+                             "<paths.root>/<paths.world>/test)")
     parser.add_argument("--out", metavar="DIR", help="report directory (default <paths.root>/<paths.reports>)")
     parser.add_argument("--no-ray", action="store_true", help="score in this process instead of a Ray Data actor pool")
     parser.add_argument("--no-pictures", action="store_true", help="skip grid.png and curves.png")
@@ -36,11 +34,9 @@ def main() -> dict:
 
     student, teachers, models = models_from_flags(cfg, args)
     data = args.data or cfg.evaluate.data or [os.path.join(cfg.paths.resolve("world"), "test")]
-    for table in data:
-        if "://" not in table and not os.path.exists(table):
-            raise ConfigError(f"--data: table not found: {table} (render it with jobs/make_world.py --split test)")
+    check_tables_exist("--data", data, "render it with jobs/make_world.py --split test")
     if cfg.evaluate.use_ray:
-        init_ray(cfg)
+        init_ray(cfg, verbose=args.verbose)
     return run_evaluation(cfg, student=student, teachers=teachers, models=models, data=data, out_dir=args.out,
                           pictures=not args.no_pictures, discover=False)
 

@@ -15,12 +15,11 @@ Examples:
 """
 import sys
 
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job
+from must_ray.cli import init_ray, job_parser, load_job_config, parse_scale, run_job
+from must_ray.typed_config import ConfigError
 
 
 def main() -> dict:
-    from must_ray.datasets.importers.common import parse_scale
-
     lines = __doc__.splitlines()
     parser = job_parser(lines[0], "\n".join(lines[2:]))
     parser.add_argument("--table", required=True, metavar="PATH", help="examples table (directory or .parquet file)")
@@ -42,11 +41,19 @@ def main() -> dict:
     from must_ray.datasets.exporters import export_labels
     from must_ray.datasets.importers import DatasetError
     from must_ray.datasets.importers.common import check_shared_locations
+    from must_ray.table import TableNotFoundError, table_files
 
+    try:
+        _, files = table_files(args.table)
+    except TableNotFoundError:
+        raise ConfigError(f"--table {args.table}: no such file or folder; give an examples table (a folder of "
+                          "Parquet files such as out/demo/labels, or one .parquet file)") from None
+    if not files:
+        raise ConfigError(f"--table {args.table}: the folder holds no Parquet files, so it is not an examples table")
     try:
         needs_ray = any(f in ("masks", "depth", "normals", "all") for f in args.format)
         if needs_ray:
-            init_ray(cfg)
+            init_ray(cfg, verbose=args.verbose)
             # tasks on every node read the table and write the PNG files
             check_shared_locations([("--table", args.table), ("--out", args.out)])
         summary = export_labels(args.table, args.out, args.format, depth_scale=args.depth_scale,

@@ -10,7 +10,8 @@ Formats (one task each; details in docs/formats.md):
 voc/depth/normals also take --annotations PAIRS.csv (columns image,label) instead of paired folders.
 
 Examples:
-  python jobs/import_dataset.py --format coco --annotations annotations/instances_val2017.json --images val2017 --out tables/coco_val
+  python jobs/import_dataset.py --format coco --annotations annotations/instances_val2017.json \
+      --images val2017 --out tables/coco_val
   python jobs/import_dataset.py --format depth --images nyu/rgb --labels nyu/depth --depth-scale 0.001 --out tables/nyu
 
 Rows that cannot be imported (missing/undecodable image, bad or missing label file, size mismatch)
@@ -19,16 +20,15 @@ for an image that is not listed) stop the job with an error naming the file (exi
 """
 import sys
 
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job
+from must_ray.cli import init_ray, job_parser, load_job_config, parse_scale, run_job
+from must_ray.typed_config import ConfigError
 
 
 def main() -> dict:
-    from must_ray.datasets.importers import FORMATS
-    from must_ray.datasets.importers.common import parse_scale
-
     lines = __doc__.splitlines()
     parser = job_parser(lines[0], "\n".join(lines[2:]))
-    parser.add_argument("--format", required=True, choices=FORMATS, help="input format")
+    parser.add_argument("--format", required=True, metavar="FORMAT",
+                        help="input format: imagefolder, csv, json, coco, voc, depth or normals (see above)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output examples table (directory, replaced)")
     parser.add_argument("--images", metavar="DIR", help="image root (ImageFolder root; folder the annotation paths "
                         "are relative to; image folder of paired formats)")
@@ -53,9 +53,11 @@ def main() -> dict:
     args = parser.parse_args()
     cfg = load_job_config(args)
 
-    from must_ray.datasets.importers import DatasetError, prepare_import, run_import
+    from must_ray.datasets.importers import FORMATS, DatasetError, prepare_import, run_import
     from must_ray.datasets.importers.common import check_shared_locations
 
+    if args.format not in FORMATS:
+        raise ConfigError(f"--format {args.format}: unknown format; known: {', '.join(FORMATS)}")
     try:
         # read the dataset's index first: dataset-level errors fail before Ray starts
         plan, task_cfg = prepare_import(
@@ -64,7 +66,7 @@ def main() -> dict:
             path_column=args.path_column, label_column=args.label_column, depth_scale=args.depth_scale,
             normals_convention=args.normals_convention, normals_black_invalid=args.normals_black_invalid,
         )
-        init_ray(cfg)
+        init_ray(cfg, verbose=args.verbose)
         # tasks on every node read the images/labels and write the table
         check_shared_locations([("--out", args.out), ("--images", args.images), ("--labels", args.labels)])
         summary = run_import(plan, args.out, task_cfg=task_cfg, rows_per_file=args.rows_per_file,

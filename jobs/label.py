@@ -35,8 +35,9 @@ def main() -> dict:
 
     from must_ray.label.run import LabelRun, run_labeling
 
-    run = LabelRun(cfg)  # fail fast (missing teacher, bad input) before starting Ray
-    init_ray(cfg)
+    run = LabelRun(cfg)  # fail fast (missing teacher, bad input or output) before starting Ray
+    run.open()  # and list the input and check a table's schema and ids, or resume the plan
+    init_ray(cfg, verbose=args.verbose)
     return run_labeling(cfg, run=run)
 
 
@@ -45,4 +46,4 @@ def _yaml_str(value: str) -> str:
 
 
 if __name__ == "__main__":
-    run_job(main)
+    run_job(main, ray_data_progress=False)  # the labeller draws its own progress line

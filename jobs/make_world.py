@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from must_ray.cli import init_ray, job_parser, load_job_config, run_job
+from must_ray.io import is_uri
+from must_ray.label.paths import check_output_dir
 from must_ray.typed_config import ConfigError
 
 
@@ -24,19 +26,22 @@ def main() -> dict:
     args = parser.parse_args()
     cfg = load_job_config(args)
 
-    from must_ray.world.splits import write_split
+    from must_ray.world.splits import check_split_output, write_split
 
     names = args.split or sorted(cfg.world.splits)
     for n in names:
         if n not in cfg.world.splits:
             raise ConfigError(f"--split {n}: unknown split; known: {', '.join(sorted(cfg.world.splits))}")
-    init_ray(cfg)
+    outs = {name: args.out if args.out and len(names) == 1 else str(Path(args.out or cfg.paths.resolve("world")) / name)
+            for name in names}
+    for out in outs.values():
+        if not is_uri(out):
+            check_output_dir(out, "--out")
+        check_split_output(out)
+    init_ray(cfg, verbose=args.verbose)
     written = []
     for name in names:
-        if args.out and len(names) == 1:
-            out = args.out
-        else:
-            out = str(Path(args.out or cfg.paths.resolve("world")) / name)
+        out = outs[name]
         image_dir = str(Path(args.image_dir) / name) if args.image_dir and len(names) > 1 else args.image_dir
         summary = write_split(cfg, name, out, num=args.num, image_dir=image_dir)
         print(f"wrote split {name!r}: {summary['rows']} rows, tasks={summary['tasks'] or ['(image only)']} -> {out}",

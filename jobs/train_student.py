@@ -10,19 +10,28 @@ a row without a task's label masks that task's loss for the row. Re-submitting w
 """
 import sys
 
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job
+from must_ray.cli import (
+    add_train_flags,
+    check_tables_exist,
+    init_ray,
+    job_parser,
+    load_job_config,
+    run_job,
+    train_flag_overrides,
+)
 
 
 def main() -> dict:
-    from must_ray.train.driver import add_train_flags, train, train_flag_overrides
-
     parser = job_parser(__doc__.splitlines()[0], "\n".join(__doc__.splitlines()[2:]))
     add_train_flags(parser)
     args = parser.parse_args()
     cfg = load_job_config(args, train_flag_overrides(args, "student"))
     data = args.data or cfg.student.data or [cfg.paths.resolve("labels")]
     out = args.out or cfg.paths.resolve("student")
-    init_ray(cfg)
+    check_tables_exist("--data", data, "label the pool first: jobs/label.py, or give --data")
+    from must_ray.train.driver import train
+
+    init_ray(cfg, verbose=args.verbose)
     summary = train(cfg, "student", data=data, out_dir=out)
     print(f"student {summary['tasks']}: {summary['steps']} steps, final losses {summary['final_losses']} "
           f"-> {summary['model']}", file=sys.stderr)

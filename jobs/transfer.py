@@ -1,7 +1,7 @@
 """Transfer evaluation: frozen backbones (student, teachers, random init) + light probes on a shifted domain.
 
 Examples:
-  python jobs/transfer.py                                       # the run's student + teachers, transfer.domain of the world
+  python jobs/transfer.py                               # the run's student + teachers, transfer.domain of the world
   python jobs/transfer.py --student s.pt --teacher depth=t.pt --set transfer.domain=dim
   python jobs/transfer.py --model a=/m/a.pt --train /data/train_table --test /data/test_table
 
@@ -13,18 +13,18 @@ train split and scored on the test split. Writes transfer.json (strict JSON) and
 """
 
 
-from must_ray.cli import init_ray, job_parser, load_job_config, run_job
+from must_ray.cli import add_model_flags, init_ray, job_parser, load_job_config, run_job
 from must_ray.typed_config import ConfigError
 
 
 def main() -> dict:
     lines = __doc__.splitlines()
     parser = job_parser(lines[0], "\n".join(lines[2:]))
-    from must_ray.evaluate.run import add_model_flags
-
     add_model_flags(parser)
-    parser.add_argument("--train", metavar="TABLE", help="probe-fitting table (default: transfer.train_data or the world split)")
-    parser.add_argument("--test", metavar="TABLE", help="scoring table (default: transfer.test_data or the world split)")
+    parser.add_argument("--train", metavar="TABLE",
+                        help="probe-fitting table (default: transfer.train_data or the world split)")
+    parser.add_argument("--test", metavar="TABLE",
+                        help="scoring table (default: transfer.test_data or the world split)")
     parser.add_argument("--out", metavar="DIR", help="report directory (default <paths.root>/<paths.reports>)")
     args = parser.parse_args()
     if (args.train is None) != (args.test is None):
@@ -38,7 +38,7 @@ def main() -> dict:
     backbones = {"student": student} if student else {}
     backbones.update({teacher_name(t): p for t, p in teachers.items()})
     backbones.update(models)
-    init_ray(cfg)  # the world's transfer splits are rendered with Ray Data
+    init_ray(cfg, verbose=args.verbose)  # the world's transfer splits are rendered with Ray Data
     result = run_transfer(cfg, backbones, args.train, args.test)
     files = write_transfer(args.out or cfg.paths.resolve("reports"), result)
     from must_ray.io import strict_json

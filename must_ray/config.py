@@ -219,7 +219,7 @@ class CheckpointConfig:
     num_to_keep: int = 2
     max_failures: int = 3  # worker-group restarts allowed (-1 = forever)
     run_name: Optional[str] = None  # Ray Train run name; None = <name>-teacher-<task> / <name>-student
-    storage_path: Optional[str] = None  # Ray Train storage; None = <paths.root>/ray_results (absolute)
+    storage_path: Optional[str] = None  # Ray Train storage; None = <--out>/ray_train (absolute)
 
     def validate(self, key: str) -> None:
         for name in ("every_steps", "num_to_keep"):
@@ -335,7 +335,8 @@ class LabelConfig:
     torch_threads: int = 0  # intra-op threads per actor; 0 = max(1, round(num_cpus_per_actor))
     encode_threads: int = 1  # threads per actor PNG-encoding batch i while the teachers run batch i+1 (0 = inline)
     max_file_bytes: int = 256 * 1024 * 1024  # bigger files are quarantined unread
-    extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"])
+    extensions: list[str] = field(
+        default_factory=lambda: ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"])
     classes: list[str] = field(default_factory=list)  # class vocabulary; [] = the checkpoints', else the world's
     overwrite: bool = False  # delete an existing output first instead of resuming it
 
@@ -449,6 +450,49 @@ class TransferConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The student as a Ray Serve application (``jobs/serve.py``, ``must_ray.serve``; docs/serving.md)."""
+
+    model: Optional[str] = None  # must-ray model file; None = <paths.root>/<paths.student>/model.pt
+    app_name: str = "must"
+    route_prefix: str = "/"
+    # The HTTP proxy's address. Serve's HTTP endpoint is NOT covered by Ray's token auth: anything
+    # but loopback lets everyone who can reach the port use the model (docs/serving.md).
+    host: str = "127.0.0.1"
+    port: int = 8000
+    num_replicas: list[int] = field(default_factory=lambda: [1, 1])  # [min, max]; min < max = autoscaling
+    target_ongoing_requests: float = 16.0  # autoscaling: requests in flight per replica it aims for
+    max_ongoing_requests: int = 64  # per replica; more wait in the proxy (>= max_batch_size to fill batches)
+    max_batch_size: int = 16  # images one forward pass takes (@serve.batch)
+    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
+    num_cpus_per_replica: float = 1.0
+    num_gpus_per_replica: float = 0.0
+    torch_threads: int = 0  # intra-op threads per replica; 0 = max(1, round(num_cpus_per_replica))
+    max_request_bytes: int = 20 * 1024 * 1024  # bigger bodies get 413
+    max_image_pixels: int = 40_000_000  # bigger images get 413 (checked before decoding)
+    max_map_pixels: int = 2048 * 2048  # largest dense map a response holds (the default size shrinks to fit)
+    path_roots: list[str] = field(default_factory=list)  # JSON {"path": ...} may name files under these only
+
+    def validate(self, key: str) -> None:
+        if not self.host:
+            raise ConfigError(f"{key}.host must be an address (127.0.0.1 keeps the endpoint on this machine)")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"{key}.port must be in [1, 65535], got {self.port}")
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError(f"{key}.route_prefix must start with '/', got {self.route_prefix!r}")
+        if len(self.num_replicas) != 2 or not 1 <= self.num_replicas[0] <= self.num_replicas[1]:
+            raise ConfigError(f"{key}.num_replicas must be [min, max] with 1 <= min <= max, got {self.num_replicas}")
+        for name in ("max_ongoing_requests", "max_batch_size", "max_request_bytes", "max_image_pixels",
+                     "max_map_pixels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.target_ongoing_requests <= 0 or self.batch_wait_timeout_s < 0:
+            raise ConfigError(f"{key}.target_ongoing_requests must be > 0 and batch_wait_timeout_s >= 0")
+        if self.num_cpus_per_replica < 0 or self.num_gpus_per_replica < 0 or self.torch_threads < 0:
+            raise ConfigError(f"{key}.num_cpus_per_replica/num_gpus_per_replica/torch_threads must be >= 0")
+
+
+@dataclass
 class RayConfig:
     """How a job connects to Ray. ``address=None``: the cluster in ``RAY_ADDRESS`` (``ray job submit``
     sets it) or else a fresh local instance (never a stray one); ``"auto"`` attaches to the cluster
@@ -483,6 +527,7 @@ class Config:
     label: LabelConfig = field(default_factory=LabelConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def validate(self, key: str = "") -> None:
         if not self.name or "/" in self.name:

@@ -1,13 +1,14 @@
 """Robust decoding of real-world image files into RGB arrays.
 
 Shared by the labeller and the dataset importers: whatever a user's folder holds (JPEG, PNG,
-WebP, BMP, TIFF; grayscale, palette, alpha, 16-bit, CMYK; rotated by EXIF), it becomes uint8
-RGB the same way everywhere, and anything that cannot be decoded raises :class:`BadImageError`
-with a short reason meant for a quarantine table.
+WebP, GIF, BMP, TIFF; grayscale, palette, alpha, 16-bit, CMYK; rotated by EXIF; the first frame
+of an animation), it becomes uint8 RGB the same way everywhere, and anything that cannot be
+decoded raises :class:`BadImageError` with a short reason meant for a quarantine table.
 """
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -15,6 +16,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: default cap on decoded pixels; bigger images are treated as decompression bombs
 DEFAULT_MAX_PIXELS = 50_000_000
+_OBJECT_ADDRESS = re.compile(r"\s+at\s+0x[0-9a-fA-F]+")
+
+
+def stable_detail(text: str, limit: int = 200) -> str:
+    """``text`` without Python object addresses (PIL says ``<_io.BytesIO object at 0x7f...>``),
+    cut to ``limit`` characters: a quarantine detail must be the same on every rerun, so that a
+    rerun writes the same quarantine table byte for byte."""
+    return _OBJECT_ADDRESS.sub("", text)[:limit]
 
 
 class BadImageError(ValueError):
@@ -22,6 +31,7 @@ class BadImageError(ValueError):
     (``empty``, ``not_an_image``, ``truncated``, ``too_large``, ``decode_error``)."""
 
     def __init__(self, reason: str, detail: str = ""):
+        detail = stable_detail(detail)
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
@@ -66,13 +76,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except BadImageError:
         raise
     except UnidentifiedImageError as exc:
-        raise BadImageError("not_an_image", str(exc)[:200]) from None
+        raise BadImageError("not_an_image", str(exc)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImageError("too_large", str(exc)[:200]) from None
+        raise BadImageError("too_large", str(exc)) from None
     except (OSError, SyntaxError, ValueError) as exc:
         text = str(exc)
         reason = "truncated" if "truncated" in text.lower() or "broken data stream" in text.lower() else "decode_error"
-        raise BadImageError(reason, text[:200]) from None
+        raise BadImageError(reason, text) from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise BadImageError("decode_error", f"unexpected decoded shape {arr.shape} {arr.dtype}")
     return np.ascontiguousarray(arr)

@@ -3,15 +3,22 @@
 Each step calls the same library function its own job calls (``write_split``, ``train``,
 ``run_labeling``, ``run_evaluation``, ``run_transfer``): there is no second implementation.
 
-Resumability: a finished step writes a marker ``<paths.root>/_pipeline/<step>.json`` holding its
-summary, a fresh token, and the tokens of the steps it consumed. On a rerun a step is skipped when
-its marker exists, its outputs are still on disk, and its inputs are the very outputs it consumed
-(same upstream tokens). So a crashed pipeline resumes at the step that did not finish, a finished
-pipeline reruns nothing, and deleting one step's output redoes that step plus the steps that read
-it (evaluation and transfer after the student), never the expensive upstream ones.
+Staleness: a step's **identity** is a hash of the config values it reads (:attr:`Step.reads`) and
+the identities of the steps it needs, independent of the code. A finished step writes a marker
+``<paths.root>/_pipeline/<step>.json`` holding its identity, the values it read, its summary, a
+fresh run token and the tokens of the runs it consumed. On a rerun a step is skipped only when its
+marker has the current identity, its outputs are still on disk and it consumed the current runs of
+its inputs (:func:`plan_pipeline`). So a changed ``tasks.detection.score_threshold`` relabels and
+retrains the student but keeps the teachers; a changed ``evaluate.*`` key reruns only the
+evaluation; a crashed pipeline resumes at the step that did not finish (the labeller keeps its
+committed shards, a training run resumes its checkpoints) because the identity it started with is
+recorded; ``--force STEP`` reruns a step and everything downstream of it. Every skip and every
+rerun says why.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -19,29 +26,36 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from must_ray.config import Config, teacher_config
 from must_ray.evaluate.run import run_evaluation
 from must_ray.evaluate.transfer import run_transfer, write_transfer
 from must_ray.io import MODEL_FILE, write_atomic
-from must_ray.label.run import label_tasks, run_labeling
+from must_ray.label.run import check_label_paths, label_tasks, run_labeling
 from must_ray.label.teachers import default_teacher_path
+from must_ray.progress import progress_tag
 from must_ray.train.driver import train
-from must_ray.typed_config import ConfigError
+from must_ray.typed_config import ConfigError, config_to_dict
 from must_ray.world.splits import write_split
 
 
 @dataclass
 class Step:
     """One pipeline step: ``run(cfg) -> summary``; ``outputs(cfg)`` are the paths whose presence
-    means the step's work exists; ``needs`` are the steps whose outputs it reads."""
+    means the step's work exists; ``needs`` are the steps whose outputs it reads; ``reads(cfg)``
+    the config values it reads (a JSON-ready mapping: its identity); ``fresh(cfg)`` the config to
+    run with when earlier work under another identity must not be resumed; ``own_progress``: it
+    draws its own progress line (else each of its Ray Data executions draws one)."""
 
     name: str
     title: str
     run: Callable[[Config], dict[str, Any]]
     outputs: Callable[[Config], list[str]]
     needs: tuple[str, ...] = ()
+    reads: Callable[[Config], dict[str, Any]] = lambda cfg: {}
+    fresh: Callable[[Config], Config] = lambda cfg: cfg
+    own_progress: bool = False
 
 
 def student_tasks(cfg: Config) -> list[str]:
@@ -73,13 +87,25 @@ def run_world(cfg: Config) -> dict[str, Any]:
 def run_teachers(cfg: Config) -> dict[str, Any]:
     """Train one specialised teacher per task on its own labelled split, ``teacher.concurrent_runs``
     at a time (independent Ray Train runs: on a 2-core laptop two one-thread teachers use both
-    cores; on a cluster each run takes its own GPU workers)."""
+    cores; on a cluster each run takes its own GPU workers). A teacher whose model exists under
+    the current identity of its own recipe (and the current world) is kept: one changed
+    ``teacher.per_task.<task>`` retrains that teacher only."""
+    world_token = (_read_marker(cfg, "world") or {}).get("token", "")
+    forced = _force_nonce(cfg, "teachers")
+
     def one(task: str) -> tuple[str, dict[str, Any]]:
-        if os.path.isfile(default_teacher_path(cfg, task)):
-            return task, {"model": default_teacher_path(cfg, task), "skipped": True}
-        data = list(teacher_config(cfg, task).teacher.data) or [_split_path(cfg, f"teacher_{task}")]
-        s = train(cfg, "teacher", data=data, tasks=[task], out_dir=os.path.dirname(default_teacher_path(cfg, task)))
-        return task, {"model": s["model"], "steps": s["steps"], "loss": s["loss"], "wall_s": s["wall_s"]}
+        ident = identity({"reads": teacher_reads(cfg, task), "world": world_token, "forced": forced})
+        marker = _read_marker(cfg, f"teachers/{task}") or {}
+        if os.path.isfile(default_teacher_path(cfg, task)) and marker.get("identity") == ident:
+            return task, {**marker.get("summary", {}), "skipped": "up to date"}
+        tcfg = teacher_config(cfg, task)
+        data = list(tcfg.teacher.data) or [_split_path(cfg, f"teacher_{task}")]
+        run_name = tcfg.teacher.checkpoint.run_name or f"{cfg.name}-teacher-{task}-{ident[:8]}"
+        s = train(cfg, "teacher", data=data, tasks=[task], out_dir=os.path.dirname(default_teacher_path(cfg, task)),
+                  run_name=run_name)
+        summary = {"model": s["model"], "steps": s["steps"], "loss": s["loss"], "wall_s": s["wall_s"]}
+        _write_marker(cfg, f"teachers/{task}", {"identity": ident, "summary": summary})
+        return task, summary
 
     tasks = student_tasks(cfg)
     with ThreadPoolExecutor(max(1, min(cfg.teacher.concurrent_runs, len(tasks)))) as pool:
@@ -95,10 +121,11 @@ def run_label(cfg: Config) -> dict[str, Any]:
 def run_student(cfg: Config) -> dict[str, Any]:
     """Train the multi-task student on the pseudo labels (plus any configured real-label tables)."""
     data = [cfg.paths.resolve("labels")] + list(cfg.student.data)
-    # The Ray Train run is named after the labels it learns from: new pseudo labels start a fresh
-    # run, while a rerun on the same labels resumes (or re-exports) the existing one.
-    label_token = (_read_marker(cfg, "label") or {}).get("token", "")[:8]
-    run_name = cfg.student.checkpoint.run_name or f"{cfg.name}-student-{label_token or 'labels'}"
+    # The Ray Train run is named after the labels it learns from and its own recipe: new pseudo
+    # labels or a changed recipe start a fresh run, a rerun of the same resumes (or re-exports) it.
+    label_token = (_read_marker(cfg, "label") or {}).get("token", "")
+    ident = identity({"reads": student_reads(cfg), "labels": label_token, "forced": _force_nonce(cfg, "student")})
+    run_name = cfg.student.checkpoint.run_name or f"{cfg.name}-student-{ident[:8]}"
     s = train(cfg, "student", data=data, tasks=student_tasks(cfg), out_dir=cfg.paths.resolve("student"),
               run_name=run_name)
     return {"model": s["model"], "steps": s["steps"], "loss": s["loss"], "images_per_s": s["images_per_s"],
@@ -121,27 +148,206 @@ def run_transfer_step(cfg: Config) -> dict[str, Any]:
     return {"files": files, "table": result.get("table", result.get("rows"))}
 
 
+# Config keys that change how fast or where a step runs, never what it produces.
+OPERATIONAL_KEYS = {
+    "train": ("concurrent_runs", "per_task", "checkpoint", "report_every_steps", "input.prefetch_batches",
+              "input.read_cpus", "input.cache_max_mb"),
+    "label": ("output", "actors", "num_cpus_per_actor", "num_gpus_per_actor", "decode_num_cpus", "torch_threads",
+              "encode_threads", "overwrite", "batch_size"),
+    "evaluate": ("use_ray", "actors", "num_cpus_per_actor", "num_gpus_per_actor", "read_cpus", "batch_size"),
+    "world": ("render_batch", "rows_per_file"),
+}
+
+
+def _without(section: Any, keys: Sequence[str]) -> dict[str, Any]:
+    out = config_to_dict(section)
+    for dotted in keys:
+        node = out
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
+def task_knobs(cfg: Config, tasks: Sequence[str], role: str) -> dict[str, Any]:
+    """The ``tasks.<task>`` knobs a step of ``role`` reads: ``label`` and ``evaluate`` read all of
+    them; ``train`` (teachers, student) all but the teacher post-processing knobs a task's config
+    class names in ``postprocess_knobs``; ``world`` also not ``loss_weight``."""
+    out = {}
+    for task in tasks:
+        if task not in cfg.tasks:
+            continue
+        knobs = config_to_dict(cfg.tasks[task])
+        if role in ("train", "world"):
+            for key in getattr(type(cfg.tasks[task]), "postprocess_knobs", ()):
+                knobs.pop(key, None)
+        if role == "world":
+            knobs.pop("loss_weight", None)
+        out[task] = knobs
+    return out
+
+
+def world_reads(cfg: Config) -> dict[str, Any]:
+    """What the world step reads: the world, the splits the run needs, the tasks' label encoding."""
+    return {"world": _without(cfg.world, OPERATIONAL_KEYS["world"]), "splits": _world_splits(cfg),
+            "task_modules": list(cfg.task_modules), "tasks": task_knobs(cfg, student_tasks(cfg), "world")}
+
+
+def teacher_reads(cfg: Config, task: str) -> dict[str, Any]:
+    """What training ``task``'s teacher reads: its recipe (``teacher`` merged with
+    ``teacher.per_task.<task>``) and the task's training knobs."""
+    return {"task": task, "teacher": _without(teacher_config(cfg, task).teacher, OPERATIONAL_KEYS["train"]),
+            "tasks": task_knobs(cfg, [task], "train")}
+
+
+def teachers_reads(cfg: Config) -> dict[str, Any]:
+    """What the teachers step reads: every teacher's :func:`teacher_reads`."""
+    return {task: teacher_reads(cfg, task) for task in student_tasks(cfg)}
+
+
+def label_reads(cfg: Config) -> dict[str, Any]:
+    """What the labelling step reads: ``label`` (less its speed knobs) and its tasks' knobs."""
+    return {"label": _without(cfg.label, OPERATIONAL_KEYS["label"]),
+            "tasks": task_knobs(cfg, label_tasks(cfg), "label"), "image_size": cfg.world.image_size}
+
+
+def student_reads(cfg: Config) -> dict[str, Any]:
+    """What training the student reads: its recipe and its tasks' training knobs."""
+    return {"student": _without(cfg.student, OPERATIONAL_KEYS["train"]), "tasks_run": student_tasks(cfg),
+            "tasks": task_knobs(cfg, student_tasks(cfg), "train")}
+
+
+def evaluate_reads(cfg: Config) -> dict[str, Any]:
+    """What the evaluation reads: ``evaluate`` (less its speed knobs) and every task's knobs."""
+    return {"evaluate": _without(cfg.evaluate, OPERATIONAL_KEYS["evaluate"]),
+            "tasks": task_knobs(cfg, student_tasks(cfg), "evaluate")}
+
+
+def transfer_reads(cfg: Config) -> dict[str, Any]:
+    """What the transfer probes read: ``transfer``, the world they render its splits from, the tasks."""
+    return {"transfer": config_to_dict(cfg.transfer), "world": _without(cfg.world, OPERATIONAL_KEYS["world"]),
+            "tasks": task_knobs(cfg, student_tasks(cfg), "evaluate")}
+
+
+def _label_afresh(cfg: Config) -> Config:
+    return dataclasses.replace(cfg, label=dataclasses.replace(cfg.label, overwrite=True))
+
+
 def steps() -> list[Step]:
     """The pipeline's steps, in order."""
     return [
         Step("world", "render the synthetic world", run_world,
-             lambda c: [_split_path(c, n) for n in _world_splits(c)]),
+             lambda c: [_split_path(c, n) for n in _world_splits(c)], reads=world_reads),
         Step("teachers", "train one teacher per task", run_teachers,
-             lambda c: [default_teacher_path(c, t) for t in student_tasks(c)], ("world",)),
+             lambda c: [default_teacher_path(c, t) for t in student_tasks(c)], ("world",), reads=teachers_reads),
         Step("label", "pseudo-label the pool with every teacher", run_label,
-             lambda c: [c.paths.resolve("labels")], ("world", "teachers")),
+             lambda c: [c.paths.resolve("labels")], ("world", "teachers"), reads=label_reads, fresh=_label_afresh,
+             own_progress=True),
         Step("student", "train the multi-task student", run_student,
-             lambda c: [student_model_path(c)], ("label",)),
+             lambda c: [student_model_path(c)], ("label",), reads=student_reads),
         Step("evaluate", "evaluate student vs teachers", run_evaluate,
-             lambda c: [os.path.join(c.paths.resolve("reports"), "metrics.json")], ("teachers", "student")),
+             lambda c: [os.path.join(c.paths.resolve("reports"), "metrics.json")], ("world", "teachers", "student"),
+             reads=evaluate_reads),
         Step("transfer", "transfer probes on a shifted domain", run_transfer_step,
-             lambda c: [os.path.join(c.paths.resolve("reports"), "transfer.json")], ("teachers", "student")),
+             lambda c: [os.path.join(c.paths.resolve("reports"), "transfer.json")], ("teachers", "student"),
+             reads=transfer_reads),
     ]
 
 
+def identity(payload: Any) -> str:
+    """A short stable hash of a JSON-ready value (a step's reads and its inputs' identities)."""
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def step_identities(cfg: Config, pipeline: Sequence[Step]) -> dict[str, str]:
+    """Every step's identity under ``cfg``: a hash of what it reads and of its inputs' identities.
+    A pure function of the config (no files are read)."""
+    out: dict[str, str] = {}
+    for step in pipeline:
+        out[step.name] = identity({"step": step.name, "reads": step.reads(cfg),
+                                   "inputs": {n: out.get(n) for n in step.needs}})
+    return out
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def changed_keys(before: dict[str, Any], after: dict[str, Any], limit: int = 3) -> str:
+    """``"a.b 0.3 -> 0.5, c (new)"``: the values that differ between two ``reads`` mappings."""
+    old = _flatten(json.loads(json.dumps(before, default=str)))
+    new = _flatten(json.loads(json.dumps(after, default=str)))
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if key not in old:
+            diffs.append(f"{key} (new)")
+        elif key not in new:
+            diffs.append(f"{key} (gone)")
+        elif old[key] != new[key]:
+            diffs.append(f"{key} {json.dumps(old[key])} -> {json.dumps(new[key])}")
+    more = f", +{len(diffs) - limit} more" if len(diffs) > limit else ""
+    return ", ".join(diffs[:limit]) + more
+
+
+@dataclass
+class Decision:
+    """What :func:`plan_pipeline` decided for one step, and why (shown on its progress line)."""
+
+    step: Step
+    identity: str
+    run: bool
+    reason: str
+
+
+def plan_pipeline(cfg: Config, pipeline: Sequence[Step], force: Sequence[str] = ()) -> list[Decision]:
+    """For every step: run it or skip it, with the reason. A step runs when it is forced
+    (``--force``), never finished, finished under another identity (the config values it reads
+    changed: the reason names them), lost an output, or an input step runs or ran since; else
+    it is up to date and skipped."""
+    idents = step_identities(cfg, pipeline)
+    runs: set[str] = set()
+    out = []
+    for step in pipeline:
+        marker = _read_marker(cfg, step.name)
+        missing = [p for p in step.outputs(cfg) if not os.path.exists(p)]
+        rerun_inputs = [n for n in step.needs if n in runs]
+        moved_inputs = [n for n in step.needs if marker is not None and n not in rerun_inputs
+                        and marker.get("inputs", {}).get(n) != (_read_marker(cfg, n) or {}).get("token")]
+        if step.name in force:
+            reason = "forced (--force)"
+        elif marker is None:
+            reason = "not run yet"
+        elif "identity" not in marker:
+            reason = "finished by an older must-ray that recorded no identity"
+        elif marker["identity"] != idents[step.name]:
+            diff = changed_keys(marker.get("reads", {}), step.reads(cfg))
+            reason = f"config changed: {diff}" if diff else \
+                f"input {', '.join(rerun_inputs)} reruns" if rerun_inputs else "its inputs' config changed"
+        elif rerun_inputs:
+            reason = f"input {', '.join(rerun_inputs)} reruns"
+        elif moved_inputs:
+            reason = f"input {', '.join(moved_inputs)} was rerun since"
+        elif missing:
+            reason = f"output missing: {missing[0]}"
+        else:
+            out.append(Decision(step, idents[step.name], False, "up to date (same config values and inputs)"))
+            continue
+        runs.add(step.name)
+        out.append(Decision(step, idents[step.name], True, reason))
+    return out
+
+
 class Progress:
-    """A one-screen view of the pipeline: every step with its state and time, redrawn (to stderr)
-    whenever a step starts or ends."""
+    """A one-screen view of the pipeline: every step with its state, time and reason, redrawn (to
+    stderr) whenever a step starts or ends."""
     def __init__(self, cfg: Config, names: list[str], stream=None):
         self.cfg = cfg
         self.state = {n: ("pending", "") for n in names}
@@ -174,54 +380,81 @@ def _read_marker(cfg: Config, name: str) -> Optional[dict]:
         return None
 
 
+def _force_nonce(cfg: Config, name: str) -> str:
+    """A value that changes each time ``--force name`` runs the step (and only then), so work the
+    step would otherwise keep or resume (a finished teacher, a Ray Train run) is redone."""
+    return (_read_marker(cfg, f"{name}.started") or {}).get("force_nonce", "")
+
+
 def _write_marker(cfg: Config, name: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(_marker_path(cfg, name)), exist_ok=True)
     write_atomic(_marker_path(cfg, name), json.dumps(payload, indent=1, sort_keys=True, default=str))
 
 
-def step_is_current(cfg: Config, step: Step) -> bool:
-    """True when ``step`` finished before, its outputs exist, and it consumed the current outputs
-    of the steps it needs."""
-    marker = _read_marker(cfg, step.name)
-    if marker is None or not all(os.path.exists(p) for p in step.outputs(cfg)):
-        return False
-    for need in step.needs:
-        upstream = _read_marker(cfg, need)
-        if upstream is None or marker.get("inputs", {}).get(need) != upstream.get("token"):
-            return False
-    return True
+def plan_request(cfg: Config, only: Optional[Sequence[str]] = None, pipeline: Optional[list[Step]] = None,
+                 force: Sequence[str] = ()) -> list[Decision]:
+    """The decisions of :func:`plan_pipeline` for the steps ``only`` selects; raises
+    ConfigError for an unknown step name or an out-of-date input step outside ``only``. Needs no
+    Ray, so a job checks its request before starting it."""
+    all_steps = pipeline if pipeline is not None else steps()
+    names = [s.name for s in all_steps]
+    for flag, given in (("--only", only or []), ("--force", force)):
+        for n in given:
+            if n not in names:
+                raise ConfigError(f"{flag} {n}: unknown step; steps: {', '.join(names)}")
+    decisions = plan_pipeline(cfg, all_steps, force)
+    if not only:
+        return decisions
+    by_name = {d.step.name: d for d in decisions}
+    for d in decisions:
+        if d.step.name not in only:
+            continue
+        for need in d.step.needs:
+            if need not in only and by_name[need].run:
+                raise ConfigError(f"--only {d.step.name}: its input step {need} is out of date "
+                                  f"({by_name[need].reason}); add --only {need} or run without --only")
+    return [d for d in decisions if d.step.name in only]
 
 
 def run_pipeline(cfg: Config, only: Optional[list[str]] = None, pipeline: Optional[list[Step]] = None,
-                 progress_stream=None) -> dict[str, Any]:
-    """Run every step of ``pipeline`` (default: :func:`steps`) that is not current (see the module
-    docstring); ``only`` limits the steps. Needs a connected Ray. Returns a summary of every step."""
-    all_steps = pipeline if pipeline is not None else steps()
-    names = [s.name for s in all_steps]
-    for n in only or []:
-        if n not in names:
-
-            raise ConfigError(f"--only {n}: unknown step; steps: {', '.join(names)}")
-    selected = [s for s in all_steps if not only or s.name in only]
-    progress = Progress(cfg, [s.name for s in selected], progress_stream)
-    summary: dict[str, Any] = {"steps": {}, "ran": [], "skipped": []}
-    for step in selected:
-        if step_is_current(cfg, step):
+                 progress_stream=None, force: Sequence[str] = ()) -> dict[str, Any]:
+    """Run every step of ``pipeline`` (default: :func:`steps`) that :func:`plan_pipeline` does
+    not find up to date; ``only`` limits the steps (an input step outside ``only`` must be up to
+    date), ``force`` reruns steps and their dependents. Needs a connected Ray for the real steps.
+    Returns a summary of every step and why each ran or was skipped."""
+    decisions = plan_request(cfg, only, pipeline, force)
+    if any(d.run and d.step.name == "label" for d in decisions):
+        check_label_paths(cfg)  # a bad label input or output fails before the steps before it
+    progress = Progress(cfg, [d.step.name for d in decisions], progress_stream)
+    summary: dict[str, Any] = {"steps": {}, "ran": [], "skipped": [], "reasons": {}}
+    for d in decisions:
+        step = d.step
+        summary["reasons"][step.name] = d.reason
+        if not d.run:
             summary["skipped"].append(step.name)
             summary["steps"][step.name] = (_read_marker(cfg, step.name) or {}).get("summary")
-            progress.set(step.name, "skipped", "(outputs exist)")
+            progress.set(step.name, "skipped", f"{d.reason}; --force {step.name} reruns it")
             continue
-        progress.set(step.name, "running", step.title + " ...")
+        started = _read_marker(cfg, f"{step.name}.started") or {}
+        forced = step.name in force
+        resume = started.get("identity") == d.identity and not forced
+        _write_marker(cfg, f"{step.name}.started", {
+            "identity": d.identity, "at": time.time(),
+            "force_nonce": uuid.uuid4().hex if forced else started.get("force_nonce", "")})
+        progress.set(step.name, "running", f"{step.title} ({d.reason}) ...")
         t0 = time.time()
         try:
-            result = step.run(cfg)
+            with progress_tag(step.name, ray_data=not step.own_progress):
+                result = step.run(cfg if resume else step.fresh(cfg))
         except BaseException:
             progress.set(step.name, "failed", f"after {time.time() - t0:.0f}s")
             raise
         elapsed = time.time() - t0
         inputs = {need: (_read_marker(cfg, need) or {}).get("token") for need in step.needs}
-        _write_marker(cfg, step.name, {"token": uuid.uuid4().hex, "inputs": inputs, "summary": result,
+        _write_marker(cfg, step.name, {"token": uuid.uuid4().hex, "identity": d.identity,
+                                       "reads": step.reads(cfg), "inputs": inputs, "summary": result,
                                        "wall_s": round(elapsed, 2), "finished_at": time.time()})
         summary["ran"].append(step.name)
         summary["steps"][step.name] = result
-        progress.set(step.name, "done", f"{elapsed:.0f}s")
+        progress.set(step.name, "done", f"{elapsed:.0f}s ({d.reason})")
     return summary

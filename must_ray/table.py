@@ -18,7 +18,8 @@ some. Provenance (teachers, checkpoint hashes, thresholds, class names, code ver
 Parquet key-value metadata under the key ``must_ray`` as JSON. The column reference is
 ``docs/schema.md``.
 
-One function per concept: open a table (:func:`open_table`), read its schema and provenance,
+One function per concept: which files make a table (:func:`table_files`: a folder holds its table
+and nothing else; bookkeeping lives beside it), open a table (:func:`open_table`), read its schema and provenance,
 which tasks it holds (:func:`table_tasks`), its class vocabulary (:func:`table_classes`, one
 rule for training and evaluation alike), add missing task columns (:func:`conform`,
 :func:`with_columns`, :class:`Conform` for Ray Data), decode a task column
@@ -27,12 +28,15 @@ rule for training and evaluation alike), add missing task columns (:func:`confor
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from must_ray.io import is_uri
 from must_ray.tasks import build_task, get_task_class, registered_task_names
 from must_ray.tasks.base import Task
 
@@ -185,20 +189,69 @@ def decode_cells(task: Task, cells: Mapping[str, Any]) -> Any:
 # ----------------------------------------------------------------------------- tables on disk
 
 
+class TableNotFoundError(FileNotFoundError):
+    """A table path that does not exist (the message names it)."""
+
+
+def _locate(path: str) -> tuple[pafs.FileSystem, str]:
+    location = str(path)
+    return pafs.FileSystem.from_uri(location if is_uri(location) else os.path.abspath(location))
+
+
+def table_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
+    """``(filesystem, sorted paths)`` of the Parquet files that make up table ``path`` (a Parquet
+    file, a directory of them, or a URI such as ``s3://...``): the one rule for what belongs to a
+    table. In a directory: every file ending in ``.parquet``, recursively, except under a name that
+    starts with ``_`` or ``.`` (the names pyarrow.dataset and Ray Data skip). must-ray keeps
+    everything else a run writes (plans, markers, temp files) beside the table, never in it, so
+    polars and DuckDB read the folder as the same table. Raises :class:`TableNotFoundError` when
+    ``path`` does not exist."""
+    fs, root = _locate(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        return fs, [root]
+    if info.type != pafs.FileType.Directory:
+        raise TableNotFoundError(f"{path}: no such table (expected a Parquet file or a folder of them)")
+    base = root.rstrip("/")
+    files = []
+    for entry in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        relative = entry.path[len(base) + 1:].replace(os.sep, "/")
+        if (entry.type == pafs.FileType.File and relative.endswith(".parquet")
+                and not any(part.startswith(("_", ".")) for part in relative.split("/"))):
+            files.append(entry.path)
+    return fs, sorted(files)
+
+
+def non_table_files(path: str) -> list[str]:
+    """Files under folder ``path`` that are not part of its table (:func:`table_files`), sorted;
+    ``[]`` when ``path`` does not exist, ``[path]`` when it is a file. A job that replaces a table
+    refuses a location with any."""
+    fs, root = _locate(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type != pafs.FileType.Directory:
+        return [root]
+    _, files = table_files(path)
+    everything = fs.get_file_info(pafs.FileSelector(root.rstrip("/"), recursive=True))
+    return sorted(set(i.path for i in everything if i.type == pafs.FileType.File) - set(files))
+
+
 def open_table(path: str) -> pads.Dataset:
     """An examples table (a Parquet file, a directory of them, or a URI pyarrow understands such
-    as ``s3://...``) as a ``pyarrow.dataset.Dataset``: the one way every module opens a table."""
-    return pads.dataset(str(path), format="parquet")
+    as ``s3://...``) as a ``pyarrow.dataset.Dataset`` of its :func:`table_files`: the one way every
+    module opens a table."""
+    fs, files = table_files(path)
+    return pads.dataset(files, format="parquet", filesystem=fs)
 
 
 def table_schema(path: str) -> pa.Schema:
     """The Arrow schema (with key-value metadata) of an examples table: a Parquet file, a
     directory of them, or a URI pyarrow understands (``s3://...``)."""
-    ds = open_table(path)
-    files = sorted(ds.files)
+    fs, files = table_files(path)
     if not files:
-        raise FileNotFoundError(f"no Parquet files in {path}")
-    return pq.read_schema(files[0], filesystem=ds.filesystem)
+        raise FileNotFoundError(f"{path}: no Parquet files in the table")
+    return pq.read_schema(files[0], filesystem=fs)
 
 
 def table_rows(path: str) -> int:

@@ -42,6 +42,9 @@ class TaskConfig:
     ``ClassificationConfig(loss_weight, topk, temperature)``)."""
 
     loss_weight: float = 1.0  # this task's weight in the multi-task loss (train.loss_weights overrides)
+    # Knobs only a teacher's post-processing reads (labelling, scoring), never training: changing
+    # one relabels and retrains the student but keeps the teachers (must_ray.pipeline.task_knobs).
+    postprocess_knobs = ()
 
     def validate(self, key: str) -> None:
         if self.loss_weight < 0:

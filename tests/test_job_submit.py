@@ -283,12 +283,12 @@ def test_job_config_checks_the_outputs_the_job_writes(monkeypatch):
         load_job_config(parser.parse_args([]))
     with pytest.raises(ConfigError, match="--image-dir='png'"):
         load_job_config(parser.parse_args(["--out", "/abs/t", "--image-dir", "png"]))
-    # the trainers' checkpoint storage defaults to <paths.root>/ray_results, --out or not
+    # the trainers' checkpoint storage defaults to <--out>/ray_train; an explicit URI stays as given
     from must_ray.config import load_config
     from must_ray.train.driver import default_storage_path
 
     cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml")
-    with pytest.raises(ConfigError, match="paths.root='out/demo'"):
-        default_storage_path(cfg, cfg.teacher)
-    abs_cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml", ["paths.root=/abs/run"])
-    assert default_storage_path(abs_cfg, abs_cfg.teacher) == "/abs/run/ray_results"
+    assert default_storage_path(cfg.teacher, "/abs/t") == "/abs/t/ray_train"
+    assert default_storage_path(cfg.teacher, "s3://b/t/") == "s3://b/t/ray_train"
+    s3 = load_config(REPO / "jobs" / "configs" / "demo.yaml", ["teacher.checkpoint.storage_path=s3://b/ckpt"])
+    assert default_storage_path(s3.teacher, "/abs/t") == "s3://b/ckpt"

@@ -1,19 +1,23 @@
-"""Pipeline resumability: finished steps are skipped, a deleted output redoes its step and the
-steps that read it, never the upstream ones. (The real steps are exercised end to end by the demo
-run and by each step's own tests; here the step bodies are small real functions writing files.)"""
+"""Pipeline resumability and staleness: finished steps are skipped, a deleted output redoes its
+step and the steps that read it, a changed config value reruns exactly the steps that read it and
+those downstream, ``--force`` reruns a step and its dependents, and every decision says why. (The
+real steps are exercised end to end by the demo run and by each step's own tests; here the step
+bodies are small real functions writing files, with the real steps' identities.)"""
+import dataclasses
 import io
+import json
 import os
 
 import pytest
 
 from must_ray.config import load_config
-from must_ray.pipeline import Step, run_pipeline, steps
+from must_ray.pipeline import Step, run_pipeline, step_identities, steps
 from must_ray.typed_config import ConfigError
 
 
-def _writer(name, calls):
+def _writer(name, calls, record=None):
     def run(cfg):
-        calls.append(name)
+        calls.append(record(cfg) if record else name)
         path = os.path.join(cfg.paths.root, name + ".out")
         with open(path, "w") as f:
             f.write(str(len(calls)))
@@ -21,13 +25,16 @@ def _writer(name, calls):
     return run
 
 
+def _out(name):
+    return lambda c: [os.path.join(c.paths.root, name + ".out")]
+
+
 def _chain(calls):
-    out = lambda n: (lambda c: [os.path.join(c.paths.root, n + ".out")])  # noqa: E731
     return [
-        Step("world", "w", _writer("world", calls), out("world")),
-        Step("teachers", "t", _writer("teachers", calls), out("teachers"), ("world",)),
-        Step("student", "s", _writer("student", calls), out("student"), ("teachers",)),
-        Step("evaluate", "e", _writer("evaluate", calls), out("evaluate"), ("teachers", "student")),
+        Step("world", "w", _writer("world", calls), _out("world")),
+        Step("teachers", "t", _writer("teachers", calls), _out("teachers"), ("world",)),
+        Step("student", "s", _writer("student", calls), _out("student"), ("teachers",)),
+        Step("evaluate", "e", _writer("evaluate", calls), _out("evaluate"), ("teachers", "student")),
     ]
 
 
@@ -70,3 +77,99 @@ def test_real_step_list_and_unknown_step(tmp_path):
     cfg = load_config(None, [f"paths.root={tmp_path}"])
     with pytest.raises(ConfigError, match="--only nope: unknown step"):
         run_pipeline(cfg, only=["nope"])
+
+
+def _changed(before, after):
+    return sorted(n for n in before if before[n] != after[n])
+
+
+def test_identity_holds_exactly_the_config_values_each_step_reads(tmp_path):
+    base = [f"paths.root={tmp_path}"]
+    ids = step_identities(load_config(None, base), steps())
+    assert len(set(ids.values())) == len(ids)
+
+    def after(*sets):
+        return _changed(ids, step_identities(load_config(None, base + list(sets)), steps()))
+
+    assert after("tasks.detection.score_threshold=0.5") == ["evaluate", "label", "student", "transfer"]
+    assert after("tasks.classification.temperature=2.0") == ["evaluate", "label", "student", "transfer"]
+    assert after("evaluate.tolerance=0.05") == ["evaluate"]
+    assert after("transfer.train_num=64") == ["transfer"]
+    assert after("teacher.per_task.depth.optimizer.lr=0.01") == ["evaluate", "label", "student", "teachers",
+                                                                 "transfer"]
+    assert after("student.optimizer.lr=0.01") == ["evaluate", "student", "transfer"]
+    assert after("world.image_size=48") == list(sorted(ids))
+    # how fast or where a step runs is not what it produces
+    assert after("evaluate.use_ray=false", "label.actors=[1, 2]", "teacher.concurrent_runs=2",
+                 "student.checkpoint.every_steps=7", "ray.num_cpus=1") == []
+
+
+def _real_chain(calls):
+    """The real steps (names, inputs, identities, fresh-start config) with bodies that write a file
+    and record (step, whether it was told to start afresh)."""
+    return [dataclasses.replace(s, run=_writer(s.name, calls, lambda c, n=s.name: (n, c.label.overwrite)),
+                                outputs=_out(s.name)) for s in steps()]
+
+
+def test_changed_config_reruns_exactly_the_steps_that_read_it_and_says_why(tmp_path):
+    base = [f"paths.root={tmp_path}"]
+    calls: list = []
+    run_pipeline(load_config(None, base), pipeline=_real_chain(calls), progress_stream=io.StringIO())
+    assert [c[0] for c in calls] == [s.name for s in steps()]
+
+    calls.clear()
+    screen = io.StringIO()
+    thr = load_config(None, base + ["tasks.detection.score_threshold=0.5"])
+    result = run_pipeline(thr, pipeline=_real_chain(calls), progress_stream=screen)
+    assert result["ran"] == ["label", "student", "evaluate", "transfer"]
+    assert result["skipped"] == ["world", "teachers"]
+    assert "config changed: tasks.detection.score_threshold 0.3 -> 0.5" in result["reasons"]["label"]
+    assert result["reasons"]["student"] == "input label reruns"
+    assert "[skip] teachers  up to date" in screen.getvalue() and "--force teachers" in screen.getvalue()
+    assert ("label", True) in calls  # a relabel under a new identity starts afresh, never resumes old shards
+
+    calls.clear()
+    ev = load_config(None, base + ["tasks.detection.score_threshold=0.5", "evaluate.tolerance=0.05"])
+    result = run_pipeline(ev, pipeline=_real_chain(calls), progress_stream=io.StringIO())
+    assert result["ran"] == ["evaluate"] and "evaluate.tolerance 0.02 -> 0.05" in result["reasons"]["evaluate"]
+    only = run_pipeline(ev, only=["evaluate"], pipeline=_real_chain(calls), progress_stream=io.StringIO())
+    assert only["skipped"] == ["evaluate"]
+
+    def nonce():
+        return json.loads((tmp_path / "_pipeline" / "student.started.json").read_text())["force_nonce"]
+    assert nonce() == ""
+    calls.clear()
+    forced = run_pipeline(ev, force=["student"], pipeline=_real_chain(calls), progress_stream=io.StringIO())
+    assert forced["ran"] == ["student", "evaluate", "transfer"]
+    assert forced["reasons"]["student"] == "forced (--force)"
+    first = nonce()  # a forced student names a new Ray Train run instead of re-exporting the old one
+    run_pipeline(load_config(None, base + ["student.optimizer.lr=0.01"]), pipeline=_real_chain([]),
+                 progress_stream=io.StringIO())
+    assert first and nonce() == first
+
+
+def test_only_refuses_to_build_on_an_out_of_date_input(tmp_path):
+    base = [f"paths.root={tmp_path}"]
+    run_pipeline(load_config(None, base), pipeline=_real_chain([]), progress_stream=io.StringIO())
+    stale = load_config(None, base + ["student.optimizer.lr=0.01", "evaluate.tolerance=0.05"])
+    with pytest.raises(ConfigError, match="--only evaluate: its input step student is out of date "
+                                          r"\(config changed: student.optimizer.lr"):
+        run_pipeline(stale, only=["evaluate"], pipeline=_real_chain([]), progress_stream=io.StringIO())
+    with pytest.raises(ConfigError, match="--force nope: unknown step"):
+        run_pipeline(stale, force=["nope"], pipeline=_real_chain([]), progress_stream=io.StringIO())
+
+
+def test_a_crashed_relabel_resumes_its_own_shards(tmp_path):
+    base = [f"paths.root={tmp_path}"]
+    run_pipeline(load_config(None, base), pipeline=_real_chain([]), progress_stream=io.StringIO())
+    thr = load_config(None, base + ["tasks.detection.score_threshold=0.5"])
+    crashing = _real_chain([])
+
+    def boom(cfg):
+        raise RuntimeError("node lost")
+    crashing[2] = dataclasses.replace(crashing[2], run=boom)
+    with pytest.raises(RuntimeError):
+        run_pipeline(thr, pipeline=crashing, progress_stream=io.StringIO())
+    calls: list = []
+    run_pipeline(thr, pipeline=_real_chain(calls), progress_stream=io.StringIO())
+    assert calls[0] == ("label", False)  # same identity as the crashed attempt: resume, do not wipe

@@ -23,8 +23,9 @@ presence cell) are left out of that format. Files are named by :func:`file_stem`
 ``files.csv`` maps every exported ``image_id`` to its stem, its COCO image id and the files
 written (rows with no label in any exported format are left out). Class names and COCO category
 ids come from the table's provenance (``classes``, ``source_class_ids``; ids ``1..C`` when the
-table has none, names ``class_<i>`` when it has no vocabulary); ``coco_categories`` (a COCO JSON or an imported table) maps names to the original
-COCO ids for tables that lack them, e.g. pseudo labels of a teacher trained on imported COCO.
+table has none, names ``class_<i>`` when it has no vocabulary); ``coco_categories`` (a COCO JSON
+or an imported table) maps names to the original COCO ids for tables that lack them, e.g. pseudo
+labels of a teacher trained on imported COCO.
 
 COCO JSON and the CSV are assembled in the driver (only the small label columns are read);
 the per-image PNG files are written by Ray Data tasks.
@@ -35,7 +36,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
 from typing import Any, Iterator, Sequence
 
@@ -47,11 +47,8 @@ from PIL import Image
 
 from must_ray.datasets.importers.common import (
     DatasetError,
-    _fs_and_path,
     absolute,
-    is_dir,
     join,
-    list_files,
     read_bytes,
     strip_image_ext,
     write_bytes,
@@ -59,8 +56,7 @@ from must_ray.datasets.importers.common import (
 from must_ray.datasets.importers.normals import CONVENTIONS, convert_rgb
 from must_ray.datasets.importers.voc import voc_palette
 from must_ray.images import decode_png, encode_png
-from must_ray.io import is_uri
-from must_ray.table import read_provenance, tasks_in_schema
+from must_ray.table import TableNotFoundError, read_provenance, table_files, tasks_in_schema
 
 EXPORT_FORMATS = ("coco", "masks", "depth", "normals", "topk-csv")
 FORMAT_TASK = {"coco": "detection", "masks": "segmentation", "depth": "depth", "normals": "normals",
@@ -95,15 +91,14 @@ def voc_palette_flat() -> list[int]:
 
 
 def _table_files(table: str) -> tuple[Any, list[str]]:
-
-    fs, p = _fs_and_path(table)
-    if is_dir(table):
-        files = [(p.rstrip("/") + "/" + f) if is_uri(table) else os.path.join(p, f)
-                 for f in list_files(table, (".parquet",))]
-        if not files:
-            raise DatasetError(f"{table}: no .parquet files")
-    else:
-        files = [p]
+    """The table's Parquet files (:func:`must_ray.table.table_files`, the one rule); DatasetError
+    naming the path when there are none."""
+    try:
+        fs, files = table_files(table)
+    except TableNotFoundError as exc:
+        raise DatasetError(str(exc)) from None
+    if not files:
+        raise DatasetError(f"{table}: no .parquet files")
     return fs, files
 
 
@@ -296,7 +291,8 @@ def _export_dense(table: str, out: str, formats: Sequence[str], depth_scale: flo
         cols += ["depth_png", "depth_scale"]
     if "normals" in formats:
         cols.append("normals_png")
-    ds = ray.data.read_parquet(absolute(table)).select_columns(cols)
+    fs, files = _table_files(table)
+    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(cols)
     ds = ds.map_batches(write_dense_batch, batch_size=batch_size, batch_format="pyarrow",
                         fn_kwargs={"out": out, "formats": list(formats), "depth_scale": float(depth_scale),
                                    "normals_convention": normals_convention})
@@ -363,7 +359,8 @@ def export_labels(table: str, out: str, formats: Sequence[str] = ("all",), *, de
             stems[iid], by_stem[s] = s, iid
 
     summary: dict[str, Any] = {"table": table, "out": out, "formats": fmts, "rows": len(stems),
-                               "not_exported": {t: "no export format for this task" for t in tasks_without_format(tasks)}}
+                               "not_exported": {t: "no export format for this task"
+                                                for t in tasks_without_format(tasks)}}
     coco_ids: dict[str, int] = {}
     classified: set = set()
     category_ids = coco_category_ids(coco_categories) if coco_categories else None

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Mapping, Optional, Sequence
 
 from must_ray.io import METRICS_JSON, METRICS_MD, dumps_strict, fmt_number, md_table, strict_json, write_atomic
-from must_ray.tasks import registered_task_names
+from must_ray.tasks import get_task_class, registered_task_names
 
 DEFAULT_TOLERANCE = 0.02
 
@@ -82,38 +83,78 @@ def comparison_passed(rows: Sequence[Mapping[str, Any]]) -> bool:
     return bool(rows) and all(r["pass"] for r in rows)
 
 
+def metric_unit(task: str, metric: str) -> str:
+    """The unit of ``task``'s ``metric`` as its task declares it (``Task.metric_units``; "" if none)."""
+    try:
+        return dict(get_task_class(task).metric_units).get(metric, "")
+    except KeyError:
+        return ""
+
+
+def _with_unit(task: str, metric: str) -> str:
+    unit = metric_unit(task, metric)
+    return f"{metric} ({unit})" if unit else metric
+
+
+def _informative(metric: str, num_classes: Optional[int]) -> bool:
+    """False for a top-k accuracy with k >= the number of classes: it is 1 for any model."""
+    top = re.fullmatch(r"top(\d+)", metric)
+    return not (top and num_classes is not None and int(top.group(1)) >= num_classes)
+
+
 def metrics_markdown(results: Mapping[str, Mapping[str, Any]],
-                     comparison: Optional[Sequence[Mapping[str, Any]]] = None) -> str:
+                     comparison: Optional[Sequence[Mapping[str, Any]]] = None,
+                     num_classes: Optional[int] = None) -> str:
     """Markdown: the student-vs-teachers table (if any), then one table per model (every metric of
-    every scored task, with the trivial baseline's primary metric)."""
+    every scored task with its unit, with the trivial baseline's primary metric), then one line per
+    reason a model was not scored on a task. Top-k accuracies with k >= ``num_classes`` are left
+    out (always 1)."""
     out = ["# Evaluation", ""]
     if comparison:
         verdict = "PASS" if comparison_passed(comparison) else "FAIL"
         out += [f"## Student vs teachers ({verdict})", "",
                 md_table(["task", "metric", "better", "student", "teacher", "ratio", "criterion", "trivial", "pass"],
-                         [[r["task"], str(r["metric"]), r["direction"], r["student"], r["teacher"], r["ratio"],
-                           r["criterion"], r["trivial"], "PASS" if r["pass"] else "FAIL"] for r in comparison]), ""]
+                         [[r["task"], _with_unit(r["task"], str(r["metric"])), r["direction"], r["student"],
+                           r["teacher"], r["ratio"], r["criterion"], r["trivial"], "PASS" if r["pass"] else "FAIL"]
+                          for r in comparison]), ""]
+    not_scored: dict[str, dict[str, list[str]]] = {}
+    hidden: set[str] = set()
     for name, res in results.items():
         tables = ", ".join(f"`{p}`" for p in res.get("tables", []))
         out += [f"## {name}", "", f"`{res.get('model')}` on {tables}: {res.get('rows')} images", ""]
         rows = []
         for task, e in res.get("tasks", {}).items():
-            rows.append([task, f"**{e['primary_metric']}**", e["value"], e["trivial_value"],
-                         "yes" if e["beats_trivial"] else "no", e["labelled_rows"],
-                         ", ".join(f"{k} {fmt_number(v)}" for k, v in e["metrics"].items() if k != e["primary_metric"])])
+            others = []
+            for k, v in e["metrics"].items():
+                if k == e["primary_metric"]:
+                    continue
+                if not _informative(k, num_classes):
+                    hidden.add(k)
+                    continue
+                others.append(f"{_with_unit(task, k)} {fmt_number(v)}")
+            metric = e["primary_metric"]
+            primary = f"**{metric}**" + (f" ({metric_unit(task, metric)})" if metric_unit(task, metric) else "")
+            rows.append([task, primary, e["value"], e["trivial_value"], "yes" if e["beats_trivial"] else "no",
+                         e["labelled_rows"], ", ".join(others)])
         out += [md_table(["task", "metric", "value", "trivial", "beats trivial", "n", "other metrics"], rows), ""]
         for task, why in res.get("skipped", {}).items():
-            out.append(f"- {task}: skipped ({why})")
-        if res.get("skipped"):
-            out.append("")
+            not_scored.setdefault(why, {}).setdefault(name, []).append(task)
+    if not_scored:
+        out += ["## Not scored", ""]
+        for why, by_model in not_scored.items():
+            out.append(f"- {why}: " + "; ".join(f"{m} ({', '.join(ts)})" for m, ts in by_model.items()))
+        out.append("")
+    if hidden:
+        out += [f"Not shown: {', '.join(sorted(hidden))} (only {num_classes} classes: always 1).", ""]
     return "\n".join(out).rstrip() + "\n"
 
 
 def write_metrics(out_dir: str, results: Mapping[str, Mapping[str, Any]],
                   comparison: Optional[Sequence[Mapping[str, Any]]] = None,
-                  extra: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
+                  extra: Optional[Mapping[str, Any]] = None, num_classes: Optional[int] = None) -> dict[str, str]:
     """Write ``<out_dir>/metrics.json`` (strict JSON: ``{"models": results, "comparison": rows,
-    "passed": bool|null, ...extra}``) and ``<out_dir>/metrics.md``; returns both paths."""
+    "passed": bool|null, ...extra}``) and ``<out_dir>/metrics.md`` (:func:`metrics_markdown`, given
+    the table's ``num_classes``); returns both paths."""
     payload: dict[str, Any] = {"models": dict(results)}
     if comparison is not None:
         payload["comparison"] = list(comparison)
@@ -122,10 +163,11 @@ def write_metrics(out_dir: str, results: Mapping[str, Mapping[str, Any]],
     json_path = os.path.join(out_dir, METRICS_JSON)
     md_path = os.path.join(out_dir, METRICS_MD)
     write_atomic(json_path, dumps_strict(payload, indent=2, sort_keys=True) + "\n")
-    write_atomic(md_path, metrics_markdown(results, comparison))
+    write_atomic(md_path, metrics_markdown(results, comparison, num_classes))
     return {"metrics_json": json_path, "metrics_md": md_path}
 
 
 def headline(results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Optional[float]]]:
     """``{model name: {task: primary metric value}}`` (strict-JSON-safe), for job summaries."""
-    return {name: {t: strict_json(e["value"]) for t, e in res.get("tasks", {}).items()} for name, res in results.items()}
+    return {name: {t: strict_json(e["value"]) for t, e in res.get("tasks", {}).items()}
+            for name, res in results.items()}

@@ -10,6 +10,7 @@ from must_ray.evaluate.pictures import collect_grid_rows, render_grid
 from must_ray.evaluate.scoring import evaluate_models
 from must_ray.io import HISTORY_FILE, MODEL_FILE, strict_json
 from must_ray.label.teachers import default_teacher_path
+from must_ray.models.export import check_model_file
 from must_ray.table import table_classes
 from must_ray.tasks import registered_task_names
 from must_ray.typed_config import ConfigError
@@ -46,17 +47,8 @@ def parse_named_paths(values: Optional[Sequence[str]], flag: str, need_key: bool
     return out
 
 
-def add_model_flags(parser) -> None:
-    """``--student``/``--teacher TASK=PATH``/``--model [NAME=]PATH``: how every job that scores
-    or probes models is told which ones."""
-    parser.add_argument("--student", metavar="PATH", help="the student's model file")
-    parser.add_argument("--teacher", action="append", metavar="TASK=PATH", help="a teacher's model file (repeatable)")
-    parser.add_argument("--model", action="append", metavar="[NAME=]PATH",
-                        help="any other model file (repeatable; NAME defaults to its folder name)")
-
-
 def models_from_flags(cfg, args) -> tuple[Optional[str], dict[str, str], dict[str, str]]:
-    """``(student, {task: teacher}, {name: model})`` from :func:`add_model_flags`' flags, or the
+    """``(student, {task: teacher}, {name: model})`` from :func:`must_ray.cli.add_model_flags`' flags, or the
     run's own trained models when none is given. Raises ConfigError for unknown tasks, no models
     at all, or missing files (before any work starts)."""
     teachers = parse_named_paths(args.teacher, "--teacher", need_key=True)
@@ -72,8 +64,8 @@ def models_from_flags(cfg, args) -> tuple[Optional[str], dict[str, str], dict[st
                               "(use --student/--teacher/--model)")
     for flag, path in [("--student", student)] + [(f"--teacher {t}", p) for t, p in teachers.items()] + \
             [(f"--model {n}", p) for n, p in models.items()]:
-        if path is not None and not os.path.isfile(path):
-            raise ConfigError(f"{flag}: model file not found: {path}")
+        if path is not None:
+            check_model_file(path, flag)
     return student, teachers, models
 
 
@@ -116,7 +108,9 @@ def run_evaluation(cfg, *, student: Optional[str] = None, teachers: Optional[Map
     comparison = None
     if student and teachers:
         comparison = compare(results["student"], {t: results[teacher_name(t)] for t in teachers}, ec.tolerance)
-    files = write_metrics(out_dir, results, comparison, extra={"data": tables})
+    classes = table_classes(tables, required=False)
+    files = write_metrics(out_dir, results, comparison, extra={"data": tables},
+                          num_classes=len(classes) if classes else None)
     if pictures:
         files.update(render_pictures(out_dir, tables[0], student=student, teachers=teachers, models=models,
                                      grid_images=ec.grid_images, scale=ec.grid_scale))

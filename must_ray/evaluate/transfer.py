@@ -47,6 +47,7 @@ from must_ray.io import dumps_strict, fmt_number, md_table, write_atomic
 from must_ray.models import images_to_tensor, load_model
 from must_ray.models.export import read_model_header
 from must_ray.models.multitask import FPN, build_backbone
+from must_ray.progress import ProgressLine, current_tag
 from must_ray.table import decode_column, table_classes
 from must_ray.tasks import Task, build_task, get_task_class, probe_task_names
 from must_ray.tasks.base import Crop
@@ -331,7 +332,11 @@ def transfer_evaluate(backbones: Mapping[str, Optional[str]], train_table: str, 
     train = (train_images, {t: train_labels[t] for t in probed})
     test = (test_images, {t: test_labels[t] for t in probed})
     reference = next((s for s in backbones.values() if s and not str(s).startswith(RANDOM)), None)
-    rows = [_probe_backbone(name, spec, reference, task_objs, train, test, tc) for name, spec in backbones.items()]
+    line = ProgressLine(current_tag("transfer"), len(backbones), "backbones", every_s=0.0)
+    rows = []
+    for name, spec in backbones.items():
+        rows.append(_probe_backbone(name, spec, reference, task_objs, train, test, tc))
+        line.update(len(rows), extra=f" ({name} probed)")
     return {
         "tasks": probed,
         "columns": {t: task_objs[t].primary_metric for t in probed},

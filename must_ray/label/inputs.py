@@ -4,12 +4,16 @@ Three kinds of input (:func:`resolve_input`):
 
 ``files``
     a folder (recursive), a glob or a single image file, local or on any filesystem pyarrow knows
-    (``s3://``, ``gs://``, ``abfs://``, ``hdfs://`` ...). Files whose extension is not in
-    ``label.extensions`` and hidden files (a path component starting with ``.`` or ``_``) are not
-    inputs. ``image_id`` = the file's full path (local) or URI.
+    (``s3://``, ``gs://``, ``abfs://``, ``hdfs://`` ...). An existing path is a path, even with
+    glob characters in its name; a glob is a path that does not exist. Files whose extension is
+    not in ``label.extensions``, hidden names (starting with ``.`` or ``_``) and, locally, FIFOs,
+    sockets, devices, broken links, link loops and folders reached twice are not inputs: the
+    listing counts them by kind (``label.paths``; nothing is opened to find out).
+    ``image_id`` = the file's full path (local) or URI.
 ``table``
-    a Parquet examples table (a file or a directory of them) with an ``image`` column;
-    ``image_id`` = its ``image_id`` column (``<file>#<row>`` when it has none). Ids must be unique.
+    a Parquet examples table (a file or a directory of them) with a binary ``image`` column;
+    ``image_id`` = its ``image_id`` column (``<file>#<row>`` when it has none). Ids must be
+    unique non-empty strings; every file's footer and ids are checked while listing.
 ``world``
     a split of the synthetic world rendered on the fly (``world:<split>``); ``image_id`` = the
     world's scene id. With no ``--input`` the labeller reads ``<paths.root>/<paths.world>/unlabeled``
@@ -33,6 +37,7 @@ import fnmatch
 import os
 import struct
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -42,7 +47,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from must_ray.config import Config
-from must_ray.images import BadImageError, decode_image, encode_png, resize_rgb
+from must_ray.images import BadImageError, decode_image, encode_png, resize_rgb, stable_detail
+from must_ray.label.paths import Entry, describe_kind, hidden_name, path_kind, walk_folder
 from must_ray.typed_config import ConfigError
 from must_ray.world import render_scenes
 from must_ray.world.splits import WORLD_SOURCE, image_id_for
@@ -65,8 +71,8 @@ def filesystem_for(uri: str):
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local)), ""
 
 
-def _hidden(relative: str) -> bool:
-    return any(part.startswith((".", "_")) for part in relative.split("/") if part)
+def _is_local(fs) -> bool:
+    return fs.type_name == "local"
 
 
 # ----------------------------------------------------------------------------- input spec
@@ -103,35 +109,61 @@ def resolve_input(cfg: Config, input_uri: Optional[str]) -> LabelInput:
     if input_uri.startswith("world:"):
         split = input_uri.split(":", 1)[1] or "unlabeled"
         if split not in cfg.world.splits:
-            raise ConfigError(f"--input {input_uri}: no world split {split!r}; known: {', '.join(sorted(cfg.world.splits))}")
+            raise ConfigError(f"--input {input_uri}: no world split {split!r}; "
+                              f"known: {', '.join(sorted(cfg.world.splits))}")
         return LabelInput("world", f"world:{split}", split=split)
 
-    if any(c in input_uri for c in GLOB_CHARS):
-        head = []
-        for part in input_uri.split("/"):
-            if any(c in part for c in GLOB_CHARS):
-                break
-            head.append(part)
-        base = "/".join(head) or "."
-        fs, root, prefix = filesystem_for(base)
-        pattern_rest = input_uri[len(base):].lstrip("/")
-        if fs.get_file_info(root).type != pafs.FileType.Directory:
-            raise ConfigError(f"--input {input_uri}: the folder {base} does not exist")
-        return LabelInput("files", input_uri, fs, root, prefix, pattern=root.rstrip("/") + "/" + pattern_rest)
-
-    fs, root, prefix = filesystem_for(input_uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
+    is_glob = any(c in input_uri for c in GLOB_CHARS)
+    try:
+        fs, root, prefix = filesystem_for(input_uri)
+    except (pa.ArrowInvalid, ValueError) as exc:
+        if is_glob:
+            return _resolve_glob(input_uri)
+        raise ConfigError(f"--input {input_uri}: not a path or a URI pyarrow can open ({exc})") from None
+    try:
+        kind = _kind(fs, root)
+    except OSError:
+        if not is_glob:
+            raise
+        kind = "missing"
+    if kind == "missing" and is_glob:
+        return _resolve_glob(input_uri)  # an existing path is a path, even with glob characters in its name
+    if kind == "missing":
         raise ConfigError(f"--input {input_uri}: no such file or folder")
-    if info.type == pafs.FileType.File:
-        kind = "table" if root.endswith(".parquet") else "files"
-        return LabelInput(kind, input_uri, fs, root, prefix)
-    infos = _list(fs, root)
-    has_parquet = any(i.path.endswith(".parquet") for i in infos)
-    has_images = any(_ext(i.path) in _image_exts(cfg) for i in infos)
+    if kind not in ("file", "directory"):
+        raise ConfigError(f"--input {input_uri}: {describe_kind(kind)}, not an image, a folder or a Parquet table; "
+                          "give an image file, a folder of images, a glob or a table")
+    if kind == "file":
+        return LabelInput("table" if root.endswith(".parquet") else "files", input_uri, fs, root, prefix)
+    files = [e.path for e in _entries(fs, root) if e.kind == "file"]
+    has_parquet = any(f.endswith(".parquet") for f in files)
+    has_images = any(_ext(f) in _image_exts(cfg) for f in files)
     if has_parquet and not has_images:
         return LabelInput("table", input_uri, fs, root, prefix)
     return LabelInput("files", input_uri, fs, root, prefix)
+
+
+def _kind(fs, path: str) -> str:
+    """:func:`path_kind` for local paths; ``file`` / ``directory`` / ``missing`` elsewhere."""
+    if _is_local(fs):
+        return path_kind(path)
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "directory"}.get(fs.get_file_info(path).type,
+                                                                                  "missing")
+
+
+def _resolve_glob(input_uri: str) -> LabelInput:
+    """A glob: the folder before the first part with glob characters, and the pattern."""
+    head = []
+    for part in input_uri.split("/"):
+        if any(c in part for c in GLOB_CHARS):
+            break
+        head.append(part)
+    base = "/".join(head) or "."
+    fs, root, prefix = filesystem_for(base)
+    pattern_rest = input_uri[len(base):].lstrip("/")
+    if _kind(fs, root) != "directory":
+        raise ConfigError(f"--input {input_uri}: the folder {base} does not exist")
+    return LabelInput("files", input_uri, fs, root, prefix, pattern=root.rstrip("/") + "/" + pattern_rest)
 
 
 def _image_exts(cfg: Config) -> set[str]:
@@ -142,17 +174,29 @@ def _ext(path: str) -> str:
     return os.path.splitext(path)[1].lower().lstrip(".")
 
 
-def _list(fs, root: str):
-
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return [i for i in infos if i.type == pafs.FileType.File and not _hidden(i.path[len(root):])]
+def _entries(fs, root: str) -> list[Entry]:
+    """Every entry below the folder ``root``: :func:`walk_folder` locally; elsewhere the files
+    pyarrow lists, with each top-most hidden path as one ``hidden`` entry."""
+    if _is_local(fs):
+        return walk_folder(root)
+    out: list[Entry] = []
+    hidden: set[str] = set()
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        relative = info.path[len(root):].strip("/").split("/")
+        first = next((k for k, part in enumerate(relative) if hidden_name(part)), None)
+        if first is not None:
+            hidden.add("/".join(relative[:first + 1]))
+        elif info.type == pafs.FileType.File:
+            out.append(Entry(info.path, "file", int(info.size if info.size is not None else -1)))
+    out.extend(Entry(root.rstrip("/") + "/" + h, "hidden") for h in hidden)
+    return sorted(out, key=lambda e: e.path)
 
 
 def _parquet_files(fs, root: str) -> list[str]:
 
-    if fs.get_file_info(root).type == pafs.FileType.File:
+    if _kind(fs, root) == "file":
         return [root]
-    return sorted(i.path for i in _list(fs, root) if i.path.endswith(".parquet"))
+    return [e.path for e in _entries(fs, root) if e.kind == "file" and e.path.endswith(".parquet")]
 
 
 # ----------------------------------------------------------------------------- listing / plan
@@ -162,40 +206,104 @@ def _parquet_files(fs, root: str) -> list[str]:
 class Listing:
     """Every input of a run in a fixed order: ``image_id``, ``locator`` (file path / table file /
     ``""``), ``offset`` (file size / row in the table file / scene index) and, for tables, the file
-    index (shards never span files). ``ignored``: files skipped for their extension."""
+    index (shards never span files). ``ignored``: the entries found that are not inputs, by kind
+    (``paths.IGNORED_KINDS``); inputs + ignored = everything found under ``--input``."""
 
     image_id: list[str]
     locator: list[str]
     offset: list[int]
     group: list[int] = field(default_factory=list)
-    ignored: int = 0
+    ignored: dict[str, int] = field(default_factory=dict)
 
 
 def list_inputs(cfg: Config, inp: LabelInput) -> Listing:
-    """List ``inp`` (metadata only: paths and sizes, or the ``image_id`` column of a table)."""
+    """List ``inp`` (metadata only: paths and sizes, or the ``image_id`` column of a table).
+    Raises :class:`ConfigError` for a table file that is unreadable, lacks a binary ``image``
+    column, or has ids that are not unique non-empty strings."""
     if inp.kind == "world":
 
         split = cfg.world.splits[inp.split]
         idx = [split.seed_offset + i for i in range(split.num)]
         return Listing([image_id_for(cfg.world.seed, split.domain, i) for i in idx], [""] * len(idx), idx)
-
-    fs = inp.filesystem
     if inp.kind == "files":
+        return _list_files(cfg, inp)
+    return _list_table(inp)
 
-        if inp.pattern is None and fs.get_file_info(inp.root).type == pafs.FileType.File:
-            infos = [fs.get_file_info(inp.root)]
+
+def _single_file(fs, path: str) -> Entry:
+    if _is_local(fs):
+        return Entry(path, "file", os.stat(path).st_size)
+    size = fs.get_file_info(path).size
+    return Entry(path, "file", int(size if size is not None else -1))
+
+
+def _list_files(cfg: Config, inp: LabelInput) -> Listing:
+    fs = inp.filesystem
+    if inp.pattern is None and _kind(fs, inp.root) == "file":
+        entries = [_single_file(fs, inp.root)]
+    else:
+        entries = _entries(fs, inp.root)
+        if inp.pattern is not None:
+            entries = [e for e in entries if fnmatch.fnmatchcase(e.path, inp.pattern)]
+    exts = _image_exts(cfg)
+    keep: list[Entry] = []
+    ignored: Counter = Counter()
+    for e in entries:
+        kind = "not_an_image_suffix" if e.kind == "file" and exts and _ext(e.path) not in exts else e.kind
+        if kind == "file":
+            keep.append(e)
         else:
-            infos = _list(fs, inp.root)
-            if inp.pattern is not None:
-                infos = [i for i in infos if fnmatch.fnmatchcase(i.path, inp.pattern)]
-        exts = _image_exts(cfg)
-        keep = sorted((i for i in infos if not exts or _ext(i.path) in exts), key=lambda i: i.path)
-        ignored = len(infos) - len(keep)
-        return Listing([inp.prefix + i.path for i in keep], [i.path for i in keep],
-                       [int(i.size if i.size is not None else -1) for i in keep], [0] * len(keep), ignored)
+            ignored[kind] += 1
+    return Listing([inp.prefix + e.path for e in keep], [e.path for e in keep], [e.size for e in keep],
+                   [0] * len(keep), dict(sorted(ignored.items())))
 
 
-    files = _parquet_files(fs, inp.root)
+def _is_binary(t: pa.DataType) -> bool:
+    return (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+            or pa.types.is_binary_view(t))
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _table_file_ids(inp: LabelInput, path: str) -> list[str]:
+    """The ids of one table file, after checking it up front: a readable Parquet file (footer and
+    ``image_id`` column only, never the images), a binary ``image`` column, string ``source``,
+    non-empty string ids."""
+    where = f"--input {inp.uri}: table file {path}"
+    try:
+        pf = pq.ParquetFile(path, filesystem=inp.filesystem)
+        schema = pf.schema_arrow
+        ids = pf.read(columns=["image_id"]).column("image_id") if "image_id" in schema.names else None
+    except (pa.ArrowException, OSError) as exc:
+        raise ConfigError(f"{where} is not a readable Parquet file ({stable_detail(str(exc), 200)}); "
+                          "replace or remove it") from None
+    if "image" not in schema.names:
+        raise ConfigError(f"{where} has no 'image' column (the encoded image bytes)")
+    image_type = schema.field("image").type
+    if not _is_binary(image_type):
+        hint = " (file paths? give the folder or a glob of the images instead)" if _is_string(image_type) else ""
+        raise ConfigError(f"{where}: column 'image' is {image_type}{hint}; it must be binary, the encoded image "
+                          "file bytes")
+    if "source" in schema.names and not _is_string(schema.field("source").type):
+        raise ConfigError(f"{where}: column 'source' is {schema.field('source').type}; it must be string "
+                          "(or drop it)")
+    if ids is None:
+        return [f"{inp.prefix}{path}#{r}" for r in range(pf.metadata.num_rows)]
+    if not _is_string(ids.type):
+        raise ConfigError(f"{where}: column 'image_id' is {ids.type}; it must be string (cast it, or drop it "
+                          "for ids <file>#<row>)")
+    values = ids.to_pylist()
+    bad = next((r for r, v in enumerate(values) if not v), None)
+    if bad is not None:
+        raise ConfigError(f"{where}: 'image_id' is {'null' if values[bad] is None else 'empty'} in row {bad} "
+                          f"({values.count(None) + values.count('')} such rows); every row needs its own id")
+    return values
+
+
+def _list_table(inp: LabelInput) -> Listing:
+    files = _parquet_files(inp.filesystem, inp.root)
     if not files:
         raise ConfigError(f"--input {inp.uri}: no Parquet files")
     ids: list[str] = []
@@ -203,14 +311,8 @@ def list_inputs(cfg: Config, inp: LabelInput) -> Listing:
     offs: list[int] = []
     groups: list[int] = []
     for fi, path in enumerate(files):
-        schema = pq.read_schema(path, filesystem=fs)
-        if "image" not in schema.names:
-            raise ConfigError(f"--input {inp.uri}: table file {path} has no 'image' column")
-        n = pq.ParquetFile(path, filesystem=fs).metadata.num_rows
-        if "image_id" in schema.names:
-            col = pq.read_table(path, columns=["image_id"], filesystem=fs).column("image_id").to_pylist()
-        else:
-            col = [f"{inp.prefix}{path}#{r}" for r in range(n)]
+        col = _table_file_ids(inp, path)
+        n = len(col)
         ids.extend(col)
         locs.extend([path] * n)
         offs.extend(range(n))
@@ -376,7 +478,7 @@ def prepare_shard(desc: dict[str, Any], ctx: PrepareContext) -> PreparedShard:
             small, png[i], height[i], width[i] = prepare_image(data, s, ctx.max_image_pixels)
             good.append(small)
         except BadImageError as exc:
-            reason[i], detail[i] = exc.reason, exc.detail[:500]
+            reason[i], detail[i] = exc.reason, exc.detail
 
     if ctx.kind == "world":
 
@@ -390,31 +492,32 @@ def prepare_shard(desc: dict[str, Any], ctx: PrepareContext) -> PreparedShard:
             good.append(small)
     elif ctx.kind == "files":
         fs = ctx.filesystem
+        local = _is_local(fs)
         for i, (path, size) in enumerate(zip(locs, offs)):
             if size > ctx.max_file_bytes:
                 reason[i], detail[i] = "too_large", f"file of {size} bytes > label.max_file_bytes {ctx.max_file_bytes}"
+                continue
+            kind = path_kind(path) if local else "file"
+            if kind != "file":  # replaced since the listing: never open a FIFO or a device
+                reason[i], detail[i] = "read_error", f"no longer a regular file: {describe_kind(kind)}"
                 continue
             try:
                 with fs.open_input_file(path) as f:
                     data = f.read()
             except (OSError, ValueError) as exc:
-                reason[i], detail[i] = "read_error", str(exc)[:500]
+                reason[i], detail[i] = "read_error", stable_detail(str(exc), 500)
                 continue
             take(i, data)
     else:  # table: the rows of one file; read only the row groups that hold them
 
-        pf = pq.ParquetFile(locs[0], filesystem=ctx.filesystem)
-        meta = pf.metadata
-        starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        lo, hi = min(offs), max(offs)
-        first = int(np.searchsorted(starts, lo, side="right") - 1)
-        last = int(np.searchsorted(starts, hi, side="right") - 1)
-        cols = ["image"] + (["source"] if "source" in pf.schema_arrow.names else [])
-        part = pf.read_row_groups(list(range(first, last + 1)), columns=cols)
-        base = int(starts[first])
+        try:
+            part, base = _read_table_rows(locs[0], offs, ctx.filesystem)
+        except (pa.ArrowException, OSError) as exc:  # corrupt pages the up-front check could not see
+            part, base = pa.table({"image": pa.array([], pa.binary())}), 0
+            reason[:], detail[:] = ["read_error"] * n, [f"{locs[0]}: {stable_detail(str(exc), 400)}"] * n
         images = part.column("image")
-        sources = part.column("source") if "source" in cols else None
-        for i, row in enumerate(offs):
+        sources = part.column("source") if "source" in part.column_names else None
+        for i, row in enumerate(offs if part.num_rows else []):
             r = int(row) - base
             if sources is not None and sources[r].is_valid:
                 source[i] = sources[r].as_py()
@@ -423,6 +526,18 @@ def prepare_shard(desc: dict[str, Any], ctx: PrepareContext) -> PreparedShard:
     pixels = np.stack(good) if good else np.zeros((0, s, s, 3), dtype=np.uint8)
     return PreparedShard(int(desc["shard"]), ids, locs if ctx.kind != "world" else [""] * n, source, height, width,
                          png, reason, detail, pixels, time.perf_counter() - t0, os.getpid())
+
+
+def _read_table_rows(path: str, rows: list[int], filesystem) -> tuple[pa.Table, int]:
+    """The ``image`` (and ``source``) cells of the row groups of table file ``path`` that hold
+    ``rows``, and the file row of the first one."""
+    pf = pq.ParquetFile(path, filesystem=filesystem)
+    meta = pf.metadata
+    starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+    first = int(np.searchsorted(starts, min(rows), side="right") - 1)
+    last = int(np.searchsorted(starts, max(rows), side="right") - 1)
+    cols = ["image"] + (["source"] if "source" in pf.schema_arrow.names else [])
+    return pf.read_row_groups(list(range(first, last + 1)), columns=cols), int(starts[first])
 
 
 def decode_shards(batch: pa.Table, ctx: PrepareContext) -> pa.Table:

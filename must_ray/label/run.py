@@ -40,8 +40,10 @@ from must_ray.label.inputs import (
     shard_descriptors,
 )
 from must_ray.label.labeler import ShardLabeler
+from must_ray.label.paths import check_output_dir
 from must_ray.label.store import OutputStore
 from must_ray.label.teachers import resolve_teachers
+from must_ray.progress import progress_text
 from must_ray.table import examples_schema
 from must_ray.tasks import registered_task_names
 from must_ray.typed_config import ConfigError, config_to_dict
@@ -89,6 +91,24 @@ def _canon(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
+def check_output(store: OutputStore) -> None:
+    """Refuse (:class:`ConfigError`, one line) a local output whose folder, or a folder the run
+    keeps beside it, exists as a file or lies under a file."""
+    if store.local:
+        check_output_dir(store.root)
+        for beside in (store.quarantine_dir, store.manifest_dir):
+            check_output_dir(beside, "the folder beside --output")
+
+
+def check_label_paths(cfg: Config) -> None:
+    """The labelling checks that need neither teachers nor Ray: the configured input (the default
+    is the world split the pipeline renders first) and the output. The pipeline runs them before
+    its first step, so a bad ``label.input`` fails before minutes of world and teachers."""
+    if cfg.label.input:
+        resolve_input(cfg, cfg.label.input)
+    check_output(OutputStore(label_output(cfg)))
+
+
 # ----------------------------------------------------------------------------- resolve + plan
 
 
@@ -122,6 +142,7 @@ class LabelRun:
         # teachers first: a missing teacher fails before any listing or writing
         self.specs, self.classes = resolve_teachers(cfg, self.tasks, self.image_size)
         self.store = OutputStore(self.output)
+        check_output(self.store)
         self.identity = {
             "input": self.input.describe(),
             "tasks": list(self.tasks),
@@ -143,11 +164,18 @@ class LabelRun:
         }
         self.schema = examples_schema(self.tasks, self.provenance)
         self.prepare_ctx = make_prepare_context(cfg, self.input, self.image_size)
-        self.ignored = 0
+        self.ignored: dict[str, int] = {}
+        self._plan: Optional[pa.Table] = None
 
     def open(self) -> pa.Table:
-        """Create or resume the output; returns the plan. Raises ConfigError when the output holds
-        a run with other settings."""
+        """Create or resume the output; returns the plan (the same one on every call: the job
+        opens before starting Ray, so listing and table errors come first). Raises ConfigError
+        when the output holds a run with other settings or the input holds nothing to label."""
+        if self._plan is None:
+            self._plan = self._open()
+        return self._plan
+
+    def _open(self) -> pa.Table:
         if self.cfg.label.overwrite:
             self.store.clear()
         previous = self.store.read_run()
@@ -159,19 +187,20 @@ class LabelRun:
                     f"label.output {self.output} already holds a labelling run with other settings "
                     f"(differs: {', '.join(diffs)}); resume it with the same settings, choose a new --output, "
                     f"or --set label.overwrite=true to start over")
-            self.ignored = int(previous.get("ignored_files", 0))
+            self.ignored = dict(previous.get("ignored") or {})
             self.store.makedirs()
             return plan
         listing = list_inputs(self.cfg, self.input)
         if not listing.image_id:
+            found = ", ".join(f"{n} {kind}" for kind, n in listing.ignored.items())
             raise ConfigError(f"--input {self.input.uri}: nothing to label (no images"
-                              + (f"; {listing.ignored} files with other extensions than label.extensions" if listing.ignored else "")
-                              + ")")
+                              + (f"; found only entries that are not inputs: {found}" if found else "")
+                              + "); see label.extensions")
         plan = plan_table(listing, self.cfg.label.shard_size)
         self.ignored = listing.ignored
         self.store.makedirs()
         self.store.write_plan(plan)  # plan before run.json: run.json present => plan complete
-        self.store.write_run({**self.identity, "ignored_files": listing.ignored, "num_inputs": plan.num_rows,
+        self.store.write_run({**self.identity, "ignored": listing.ignored, "num_inputs": plan.num_rows,
                               "num_shards": int(plan.column("shard").to_numpy().max()) + 1})
         return plan
 
@@ -223,8 +252,14 @@ class RunObserver:
 
 
 class Progress:
-    """The driver's tally of committed shards: counts and per-stage seconds for the summary, and a
-    progress line on stderr every ``log_every_s`` seconds (and at the end)."""
+    """The driver's tally of committed shards: counts and per-stage seconds for the summary, the
+    run's start-up and steady rate, and a progress line on stderr every ``log_every_s`` seconds
+    (and at the end).
+
+    *Start-up* is the fixed cost before any labelling: from the pipeline's start until the first
+    teacher actor is ready (Ray scheduling, the actor process, importing torch, building the
+    teachers). The *steady rate* counts the images from then until the last commit, so it does
+    not shrink with a short run the way images / wall time does."""
 
     def __init__(self, pending: Pending, log_every_s: float):
         self.shards_total, self.images_total, self.log_every_s = len(pending.shards), pending.images, log_every_s
@@ -232,6 +267,9 @@ class Progress:
         self.stage_s = dict.fromkeys(STAGES, 0.0)
         self.teacher_s: dict[str, float] = {}
         self.started = self.last_log = time.perf_counter()
+        self.started_at = time.time()
+        self.first_ready_at: Optional[float] = None  # epoch seconds: the first actor ready to label
+        self.last_commit_at: Optional[float] = None
 
     def add(self, report: dict[str, Any]) -> None:
         """Count one committed shard's report."""
@@ -241,14 +279,32 @@ class Progress:
             self.stage_s[k] += report[k]
         for name, sec in json.loads(report["teacher_s"]).items():
             self.teacher_s[name] = self.teacher_s.get(name, 0.0) + sec
+        ready, committed = report["actor_ready_at"], report["committed_at"]
+        self.first_ready_at = ready if self.first_ready_at is None else min(self.first_ready_at, ready)
+        self.last_commit_at = committed if self.last_commit_at is None else max(self.last_commit_at, committed)
+
+    @property
+    def startup_s(self) -> Optional[float]:
+        """Seconds from the pipeline's start until the first teacher actor was ready (None before
+        any shard was committed)."""
+        return None if self.first_ready_at is None else max(0.0, self.first_ready_at - self.started_at)
+
+    def steady_rate(self, until: Optional[float] = None) -> float:
+        """Images per second from the first actor being ready until ``until`` (epoch seconds;
+        default the last commit); 0 before any commit."""
+        if self.first_ready_at is None:
+            return 0.0
+        end = until if until is not None else self.last_commit_at
+        return self.images / max(end - self.first_ready_at, 1e-9)
 
     def log(self) -> None:
         """The progress line, when ``log_every_s`` passed since the last one or every shard is done."""
         now = time.perf_counter()
         if now - self.last_log >= self.log_every_s or self.shards == self.shards_total:
-            rate = self.images / max(now - self.started, 1e-9)
-            print(f"[label] {self.shards}/{self.shards_total} shards, {self.images}/{self.images_total} images "
-                  f"this run, {rate:.1f} images/s", file=sys.stderr, flush=True)
+            startup = f" after {self.startup_s:.1f}s start-up" if self.startup_s is not None else ""
+            print(progress_text("label", self.images, self.images_total, "images", self.steady_rate(time.time()),
+                                f" this run, {self.shards}/{self.shards_total} shards{startup}"),
+                  file=sys.stderr, flush=True)
             self.last_log = now
 
 
@@ -267,7 +323,9 @@ def verify_output(store: OutputStore, plan: pa.Table) -> dict[str, Any]:
 
 def summarise(run: LabelRun, pending: Pending, counts: dict[str, Any], progress: Progress, pipeline_s: float,
               total_s: float) -> dict[str, Any]:
-    """The job's summary (also written as ``_SUCCESS.json``)."""
+    """The job's summary (also written as ``<output>_manifest/SUCCESS.json``). ``images_per_s`` is
+    the steady rate and ``startup_s`` the fixed cost before it (:class:`Progress`);
+    ``end_to_end_images_per_s`` is images / pipeline seconds, start-up included."""
     images = pending.images
     summary = {
         "job": "label",
@@ -279,14 +337,17 @@ def summarise(run: LabelRun, pending: Pending, counts: dict[str, Any], progress:
         "rows": counts["rows"],
         "quarantined": counts["quarantined"],
         "quarantine_reasons": run.store.quarantine_reasons(),
-        "ignored_files": run.ignored,
+        "ignored": run.ignored,
+        "ignored_files": sum(run.ignored.values()),
         "tasks": run.tasks,
         "teachers": {t: {"name": s.name, "kind": s.kind, "sha256": s.sha256} for s in run.specs for t in s.tasks},
         "shards": pending.num_shards,
         "shards_skipped": len(pending.committed),
         "shards_labeled": len(pending.shards),
         "images_this_run": images,
-        "images_per_s": round(images / pipeline_s, 2) if images else 0.0,
+        "images_per_s": round(progress.steady_rate(), 2) if progress.images else 0.0,
+        "startup_s": round(progress.startup_s, 2) if progress.startup_s is not None else None,
+        "end_to_end_images_per_s": round(images / pipeline_s, 2) if images else 0.0,
         "pipeline_s": round(pipeline_s, 2),
         "total_s": round(total_s, 2),
         "stage_s": {k: round(v, 2) for k, v in progress.stage_s.items()},
@@ -313,7 +374,7 @@ def run_labeling(cfg: Config, input_uri: Optional[str] = None, output: Optional[
              "tasks %s", run.input.uri, run.output, plan.num_rows, pending.num_shards, len(pending.committed),
              len(pending.shards), pending.images, ", ".join(run.tasks))
     progress = Progress(pending, log_every_s)
-    observer.pipeline_started(time.time())
+    observer.pipeline_started(progress.started_at)
     if pending.descriptors:
         for batch in build_pipeline(run, pending.descriptors).iter_batches(batch_size=None, batch_format="pyarrow"):
             for report in batch.to_pylist():
@@ -327,5 +388,6 @@ def run_labeling(cfg: Config, input_uri: Optional[str] = None, output: Optional[
     return summary
 
 
-__all__ = ["run_labeling", "LabelRun", "Pending", "RunObserver", "Progress", "build_pipeline", "verify_output",
-           "summarise", "label_tasks", "label_image_size", "label_output", "decode_memory_bytes"]
+__all__ = ["run_labeling", "check_label_paths", "check_output", "LabelRun", "Pending", "RunObserver", "Progress",
+           "build_pipeline", "verify_output", "summarise", "label_tasks", "label_image_size", "label_output",
+           "decode_memory_bytes"]

@@ -1,24 +1,27 @@
 """The labelling output: an examples table written shard by shard with atomic commits.
 
-Layout of ``label.output`` (a local path or a URI) and its sibling ``<output>_quarantine`` (the
-importers' convention)::
+Layout of ``label.output`` (a local path or a URI); the table folder holds the table and nothing
+else, so every Parquet reader (pyarrow.dataset, Ray Data, pandas, polars, DuckDB with ``*.parquet``
+or ``**/*.parquet``) reads it as exactly the table; the run's bookkeeping lives beside it::
 
-    <output>/part-000000.parquet ...       the pseudo-label examples table (one file per shard)
-    <output>/_manifest/plan.parquet        every input id -> shard (written once, reused on resume)
-    <output>/_manifest/run.json            what the run labels with (input, teachers + hashes ...)
-    <output>/_SUCCESS.json                 the final summary, after the exactly-once check passed
+    <output>/part-000000.parquet ...                    the pseudo-label examples table (one file per shard)
     <output>_quarantine/quarantine-000000.parquet ...   inputs that could not be labelled + reasons
-    */_tmp/                                files being written (removed at the end)
+    <output>_manifest/plan.arrow                        every input id -> shard (Arrow IPC; written once,
+                                                        reused on resume)
+    <output>_manifest/run.json                          what the run labels with (input, teachers + hashes ...)
+    <output>_manifest/SUCCESS.json                      the final summary, after the exactly-once check passed
+    <output>_manifest/tmp/                              files being written (emptied at the end)
 
-Readers (Ray Data, ``pyarrow.dataset``, :func:`must_ray.table.read_provenance`) skip paths that
-start with ``_``, so the table is exactly the ``part-*.parquet`` files.
+An output written by an older must-ray (``<output>/_manifest/plan.parquet``, ``<output>/_SUCCESS.json``,
+``_tmp/`` folders inside the tables) is moved to this layout the first time a run opens it
+(:meth:`OutputStore.read_run`), so resuming it works and its folder becomes a clean table.
 
 **Commit protocol** (one shard): write the quarantine rows (if any) to a temp file and move it to
 ``<output>_quarantine/quarantine-S.parquet`` (or delete a stale one), then write the labelled rows to a temp
 file and move it to ``part-S.parquet``. The appearance of ``part-S.parquet`` is the commit; a
-rename within one filesystem is atomic (on object stores, where a move is a copy, the object is
-written directly under its final name: an upload becomes visible only once complete). Why that is
-exactly once:
+rename within one filesystem is atomic (the temp folder is a sibling of the tables, so on the same
+filesystem; on object stores, where a move is a copy, the object is written directly under its
+final name: an upload becomes visible only once complete). Why that is exactly once:
 
 * every input id belongs to exactly one shard (the plan, fixed at the first run);
 * ``part-S`` exists only complete (atomic), and only after ``quarantine-S`` holds S's bad inputs, so
@@ -39,6 +42,7 @@ from collections import Counter
 from typing import Any, Optional
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from must_ray.label.inputs import filesystem_for
@@ -48,7 +52,8 @@ QUARANTINE_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("path", pa.string()),  # file path / table file ("" for rendered world scenes)
     pa.field("source", pa.string()),
-    pa.field("reason", pa.string(), nullable=False),  # empty | not_an_image | truncated | too_large | decode_error | read_error
+    # empty | not_an_image | truncated | too_large | decode_error | read_error
+    pa.field("reason", pa.string(), nullable=False),
     pa.field("detail", pa.string()),
     pa.field("shard", pa.int32(), nullable=False),
 ])
@@ -83,17 +88,36 @@ class OutputStore:
     def quarantine_uri(self) -> str:
         return self.output.rstrip("/") + "_quarantine"
 
+    @property
+    def manifest_dir(self) -> str:
+        """The run's bookkeeping (plan, run.json, SUCCESS.json, temp files), beside the table."""
+        return self.root.rstrip("/") + "_manifest"
+
+    @property
+    def plan_path(self) -> str:
+        return self.manifest_dir + "/plan.arrow"
+
+    @property
+    def run_path(self) -> str:
+        return self.manifest_dir + "/run.json"
+
+    @property
+    def success_path(self) -> str:
+        return self.manifest_dir + "/SUCCESS.json"
+
+    @property
+    def tmp_dir(self) -> str:
+        return self.manifest_dir + "/tmp"
+
     # ------------------------------------------------------------------ basic io
     def exists(self, path: str) -> bool:
-        import pyarrow.fs as pafs
-
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
-    def _tmp_dirs(self) -> list[str]:
-        return [self.path("_tmp"), self.path("_manifest", "_tmp"), self.quarantine_dir + "/_tmp"]
+    def _is_dir(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type == pafs.FileType.Directory
 
     def makedirs(self) -> None:
-        for d in (self.root, self.path("_manifest"), self.quarantine_dir, *self._tmp_dirs()):
+        for d in (self.root, self.quarantine_dir, self.manifest_dir, self.tmp_dir):
             self.fs.create_dir(d, recursive=True)
 
     def _write_bytes_atomic(self, final: str, write) -> None:
@@ -102,8 +126,8 @@ class OutputStore:
             with self.fs.open_output_stream(final) as f:
                 write(f)
             return
-        # a temp file next to its final name (same filesystem: the move is a rename)
-        tmp = f"{os.path.dirname(final)}/_tmp/{os.path.basename(final)}.{uuid.uuid4().hex}.tmp"
+        # the temp folder is a sibling of the tables (same filesystem: the move is a rename)
+        tmp = f"{self.tmp_dir}/{os.path.basename(final)}.{uuid.uuid4().hex}.tmp"
         if self.local:
             with open(tmp, "wb") as f:
                 write(f)
@@ -134,56 +158,74 @@ class OutputStore:
             self.fs.delete_file(path)
 
     def clear(self) -> None:
-        """Delete the whole output (``label.overwrite``)."""
-        import pyarrow.fs as pafs
-
-        for d in (self.root, self.quarantine_dir):
-            if self.fs.get_file_info(d).type == pafs.FileType.Directory:
+        """Delete the whole output (``label.overwrite``): the table, its quarantine and manifest."""
+        for d in (self.root, self.quarantine_dir, self.manifest_dir):
+            if self._is_dir(d):
                 self.fs.delete_dir(d)
 
     def remove_empty_quarantine(self) -> None:
         """Drop ``<output>_quarantine`` when it holds no quarantine file (nothing was quarantined)."""
-        import pyarrow.fs as pafs
-
-        if not self.quarantine_files() and self.fs.get_file_info(self.quarantine_dir).type == pafs.FileType.Directory:
+        if not self.quarantine_files() and self._is_dir(self.quarantine_dir):
             self.fs.delete_dir(self.quarantine_dir)
 
     def clean_tmp(self) -> None:
         """Remove temp files left by writers that died (only call while no writer runs)."""
-        import pyarrow.fs as pafs
-
-        for d in self._tmp_dirs():
-            if self.fs.get_file_info(d).type == pafs.FileType.Directory:
-                self.fs.delete_dir_contents(d, missing_dir_ok=True)
+        if self._is_dir(self.tmp_dir):
+            self.fs.delete_dir_contents(self.tmp_dir, missing_dir_ok=True)
 
     # ------------------------------------------------------------------ manifest
     def write_plan(self, plan: pa.Table) -> None:
-        self.write_table(self.path("_manifest", "plan.parquet"), plan)
+        self._write_bytes_atomic(self.plan_path, lambda f: _write_ipc(plan, f))
 
     def read_plan(self) -> Optional[pa.Table]:
-        path = self.path("_manifest", "plan.parquet")
-        if not self.exists(path):
+        if not self.exists(self.plan_path):
             return None
-        return pq.read_table(path, filesystem=self.fs)
+        with self.fs.open_input_file(self.plan_path) as f:
+            return pa.ipc.open_file(f).read_all()
 
     def write_run(self, run: dict) -> None:
-        self.write_json(self.path("_manifest", "run.json"), run)
+        self.write_json(self.run_path, run)
 
     def read_run(self) -> Optional[dict]:
-        return self.read_json(self.path("_manifest", "run.json"))
+        """The run's identity (None for a new output); an output in the old layout is moved to
+        the current one first (:meth:`migrate_legacy_layout`)."""
+        self.migrate_legacy_layout()
+        return self.read_json(self.run_path)
 
     def write_success(self, summary: dict) -> None:
-        self.write_json(self.path("_SUCCESS.json"), summary)
+        self.write_json(self.success_path, summary)
 
     def read_success(self) -> Optional[dict]:
-        return self.read_json(self.path("_SUCCESS.json"))
+        return self.read_json(self.success_path)
+
+    def migrate_legacy_layout(self) -> bool:
+        """Move an older must-ray's bookkeeping out of the table folders (``<output>/_manifest/``,
+        ``<output>/_SUCCESS.json``, ``_tmp/`` in the table and its quarantine) into
+        ``<output>_manifest/``, so the folder is a clean table and the run resumes. Idempotent (a
+        crash half-way is finished by the next call); returns whether there was anything to move."""
+        legacy_manifest = self.path("_manifest")
+        legacy_success = self.path("_SUCCESS.json")
+        legacy = [d for d in (legacy_manifest, self.path("_tmp"), self.quarantine_dir + "/_tmp") if self._is_dir(d)]
+        if not legacy and not self.exists(legacy_success):
+            return False
+        self.fs.create_dir(self.tmp_dir, recursive=True)
+        old_run = self.read_json(legacy_manifest + "/run.json")
+        old_plan = legacy_manifest + "/plan.parquet"
+        if old_run is not None and self.exists(old_plan) and not self.exists(self.run_path):
+            self.write_plan(pq.read_table(old_plan, filesystem=self.fs))
+            old_success = self.read_json(legacy_success)
+            if old_success is not None:
+                self.write_success(old_success)
+            self.write_run(old_run)  # last: run.json present => plan complete
+        self.delete(legacy_success)
+        for d in legacy:
+            self.fs.delete_dir(d)
+        return True
 
     # ------------------------------------------------------------------ shards
     def committed_shards(self) -> set[int]:
         """Shards whose ``part-S.parquet`` exists (= committed)."""
-        import pyarrow.fs as pafs
-
-        if self.fs.get_file_info(self.root).type != pafs.FileType.Directory:
+        if not self._is_dir(self.root):
             return set()
         out = set()
         for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False)):
@@ -205,12 +247,11 @@ class OutputStore:
         return [self.path(self.part_name(s)) for s in sorted(self.committed_shards())]
 
     def quarantine_files(self) -> list[str]:
-        import pyarrow.fs as pafs
-
-        if self.fs.get_file_info(self.quarantine_dir).type != pafs.FileType.Directory:
+        if not self._is_dir(self.quarantine_dir):
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(self.quarantine_dir, recursive=False))
-        return sorted(i.path for i in infos if i.path.endswith(".parquet") and os.path.basename(i.path).startswith("quarantine-"))
+        return sorted(i.path for i in infos
+                      if i.path.endswith(".parquet") and os.path.basename(i.path).startswith("quarantine-"))
 
     def quarantine_reasons(self) -> dict[str, int]:
         """How many inputs the quarantine files hold, by reason (sorted by reason)."""
@@ -250,10 +291,16 @@ class OutputStore:
         if want - got:
             problems.append(f"{len(want - got)} planned ids missing (e.g. {sorted(want - got)[:3]})")
         if len(written) + len(quarantined) != len(expected):
-            problems.append(f"rows_written {len(written)} + rows_quarantined {len(quarantined)} != inputs {len(expected)}")
+            problems.append(f"rows_written {len(written)} + rows_quarantined {len(quarantined)} "
+                            f"!= inputs {len(expected)}")
         if problems:
             raise RuntimeError(f"exactly-once check failed for {self.output}: " + "; ".join(problems))
         return {"inputs": len(expected), "rows": len(written), "quarantined": len(quarantined)}
+
+
+def _write_ipc(table: pa.Table, sink) -> None:
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
 
 
 def _fsync_dir(path: str) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
+import warnings
 from typing import Any, Mapping, Optional
 
 import torch
@@ -17,9 +19,19 @@ from must_ray.io import atomic_path
 from must_ray.models.multitask import MultiTaskModel
 from must_ray.task_registry import make_task_config
 from must_ray.tasks import TaskConfig, build_task, get_task_class
-from must_ray.typed_config import config_to_dict
+from must_ray.typed_config import ConfigError, config_to_dict
 
 FORMAT = "must-ray-model/1"
+#: what a must-ray model file is, for error messages
+WHAT_IS_A_MODEL_FILE = (f"a must-ray model file is the model.pt a training run writes (jobs/train_teacher.py, "
+                        f"jobs/train_student.py, jobs/pipeline.py): a torch.save of the format {FORMAT!r} holding "
+                        "the network's description and weights")
+
+
+class ModelFileError(ConfigError):
+    """A file given as a model that is missing or is not a must-ray model file (random bytes, a
+    plain ``state_dict``, a truncated file ...). The one-line message names the file and says what
+    a model file is; a :class:`ConfigError`, so the jobs answer it with exit 2 and no traceback."""
 
 
 def save_model(path: str, model: MultiTaskModel, *, num_classes: int, task_cfgs: Mapping[str, TaskConfig],
@@ -71,12 +83,44 @@ def read_model_header(path: str) -> dict[str, Any]:
     return {k: v for k, v in _read_payload(path, "cpu").items() if k != "state_dict"}
 
 
+def check_model_file(path: str, what: str = "model") -> dict[str, Any]:
+    """Check, before any work, that ``path`` is a must-ray model file; returns its header.
+    Raises :class:`ModelFileError` naming ``what`` (a flag or config key) and the path."""
+    try:
+        return read_model_header(path)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{what}: {exc}") from None
+
+
+def model_payload(data: bytes, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The payload of a must-ray model file given as its bytes. Anything else raises
+    :class:`ModelFileError` whose message starts "is not a must-ray model file", for the caller to
+    put the file's name (and its flag or key) in front."""
+    return _load_payload(io.BytesIO(data), map_location)
+
+
 def _read_payload(path: str, map_location: str | torch.device) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"model file not found: {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+        raise ModelFileError(f"model file not found: {path} ({WHAT_IS_A_MODEL_FILE})")
+    try:
+        return _load_payload(path, map_location)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{path} {exc}") from None
+
+
+def _load_payload(source: Any, map_location: str | torch.device) -> dict[str, Any]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol warning for files of other programs
+            payload = torch.load(source, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever torch.load raises, the file is not one of ours
+        raise ModelFileError(f"is not a must-ray model file (torch cannot read it as plain tensors and values: "
+                             f"truncated, damaged or another kind of file; {type(exc).__name__}); "
+                             f"{WHAT_IS_A_MODEL_FILE}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a must-ray model file (expected format {FORMAT!r})")
+        kind = "a torch file of another program (e.g. a plain state_dict)" if isinstance(payload, dict) else \
+            f"a torch file holding a {type(payload).__name__}"
+        raise ModelFileError(f"is not a must-ray model file: it is {kind}; {WHAT_IS_A_MODEL_FILE}")
     return payload
 
 
@@ -101,9 +145,7 @@ def load_matching_weights(model: torch.nn.Module, path: str) -> dict[str, int]:
     """Initialise ``model`` from any must-ray model file: every tensor whose name and shape match
     is copied (backbone and neck always; heads of shared tasks). Returns counts of loaded/skipped
     tensors. This is how a student starts from a strong checkpoint (the paper's MuST-on-top)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a must-ray model file (expected format {FORMAT!r})")
+    payload = _read_payload(path, "cpu")
     own = model.state_dict()
     matched = {k: v for k, v in payload["state_dict"].items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matched, strict=False)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from must_ray.models.backbones import feature_indices, timm_architecture
 from must_ray.tasks import Task
 
 
@@ -21,26 +22,25 @@ def build_backbone(name: str, pretrained: bool = False, weights_path: Optional[s
                    min_stride: int = 4, in_chans: int = 3) -> nn.Module:
     """A timm ``features_only`` backbone returning maps at strides >= ``min_stride``.
 
-    ``weights_path``: a local timm/PyTorch state-dict file (``.pth``/``.safetensors``), loaded
-    through timm's ``pretrained_cfg_overlay`` so the same code path as hub weights is used; with
-    ``pretrained=True`` and no path, timm fetches the hub weights (needs internet)."""
-    kwargs = {}
+    ``name``: a timm model name or a preset (:data:`must_ray.models.backbones.BACKBONE_PRESETS`,
+    e.g. ``vit_tiny_p8``). ``weights_path``: a local timm/PyTorch state-dict file
+    (``.pth``/``.safetensors``), loaded through timm's ``pretrained_cfg_overlay`` so the same
+    code path as hub weights is used; with ``pretrained=True`` and no path, timm fetches the hub
+    weights (needs internet)."""
+    arch, args = timm_architecture(name)
     if weights_path:
         if not os.path.isfile(weights_path):
             raise FileNotFoundError(f"backbone weights file not found: {weights_path}")
         pretrained = True
-        kwargs["pretrained_cfg_overlay"] = dict(file=weights_path)
-    probe = timm.create_model(name, features_only=True, pretrained=False, in_chans=in_chans)
-    strides = probe.feature_info.reduction()
-    out_indices = tuple(i for i, s in enumerate(strides) if s >= min_stride)
-    if not out_indices:
-        out_indices = (len(strides) - 1,)
-    if not pretrained:
-        if out_indices == tuple(range(len(strides))):
-            return probe
-        return timm.create_model(name, features_only=True, pretrained=False, in_chans=in_chans, out_indices=out_indices)
-    return timm.create_model(name, features_only=True, pretrained=True, in_chans=in_chans,
-                             out_indices=out_indices, **kwargs)
+        args["pretrained_cfg_overlay"] = dict(file=weights_path)
+    probe = timm.create_model(arch, features_only=True, pretrained=False, in_chans=in_chans,
+                              **{k: v for k, v in args.items() if k != "pretrained_cfg_overlay"})
+    strides = [level["reduction"] for level in probe.feature_info.info]  # every level, not only the default ones
+    out_indices = feature_indices(strides, min_stride)
+    if not pretrained and tuple(probe.feature_info.out_indices) == out_indices:
+        return probe
+    return timm.create_model(arch, features_only=True, pretrained=pretrained, in_chans=in_chans,
+                             out_indices=out_indices, **args)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

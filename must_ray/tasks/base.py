@@ -62,6 +62,8 @@ class Task(ABC):
     #: name of the headline metric in metric_compute(); its direction is higher_is_better
     primary_metric: str = ""
     higher_is_better: bool = True
+    #: unit of each metric_compute() value, shown in reports ("0-1", "%", "m", "deg", "ratio")
+    metric_units: Mapping[str, str] = {}
     #: True when labels are per-pixel maps (decoded and resized in the loader)
     dense: bool = False
     #: the task's knobs (``tasks.<name>`` in a config): a dataclass subclassing TaskConfig

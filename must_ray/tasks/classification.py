@@ -62,6 +62,7 @@ class ClassificationConfig(TaskConfig):
 
     topk: int = 5  # soft-label length a teacher writes
     temperature: float = 1.0  # softmax temperature of a teacher's soft labels
+    postprocess_knobs = ("topk", "temperature")
 
     def validate(self, key: str) -> None:
         super().validate(key)
@@ -87,6 +88,7 @@ class ClassificationTask(Task):
 
     name = "classification"
     primary_metric = "top1"
+    metric_units = {"top1": "0-1", "top5": "0-1"}
     higher_is_better = True
     dense = False
     config_class = ClassificationConfig

@@ -65,6 +65,7 @@ class DepthTask(DenseTask):
 
     name = "depth"
     primary_metric = "abs_rel"
+    metric_units = {"abs_rel": "ratio", "rmse": "m", "delta1": "0-1", "delta2": "0-1", "delta3": "0-1"}
     higher_is_better = False
     config_class = DepthConfig
     probe = "pixel"

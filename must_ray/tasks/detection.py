@@ -67,6 +67,7 @@ class DetectionConfig(TaskConfig):
     score_threshold: float = 0.3  # boxes scoring below are dropped
     nms_iou: float = 0.5  # class-wise NMS overlap
     max_boxes: int = 20  # per image
+    postprocess_knobs = ("score_threshold", "nms_iou", "max_boxes")
 
     def validate(self, key: str) -> None:
         super().validate(key)
@@ -233,6 +234,7 @@ class DetectionTask(Task):
 
     name = "detection"
     primary_metric = "map50"
+    metric_units = {"map50": "0-1", "map": "0-1", "map75": "0-1"}
     higher_is_better = True
     dense = False
     config_class = DetectionConfig

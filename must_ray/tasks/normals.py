@@ -36,6 +36,7 @@ from must_ray.tasks.base import Legend, fit_to_image
 BIN_DEG = 0.05
 NUM_BINS = int(round(180 / BIN_DEG))
 THRESHOLDS = (11.25, 22.5, 30.0)
+ZERO_NORM = 1e-6  # a vector shorter than this has no direction: 90 degrees against anything
 
 
 def _within_key(t: float) -> str:
@@ -47,11 +48,15 @@ def angular_error_deg(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     angles too; a zero vector gives 90 degrees against anything."""
     a = pred.astype(np.float64)
     b = gt.astype(np.float64)
-    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    norm_a = np.linalg.norm(a, axis=-1, keepdims=True)
+    norm_b = np.linalg.norm(b, axis=-1, keepdims=True)
+    a = a / np.maximum(norm_a, 1e-12)
+    b = b / np.maximum(norm_b, 1e-12)
     cross = np.linalg.norm(np.cross(a, b), axis=-1)
     dot = (a * b).sum(-1)
-    return np.degrees(np.arctan2(cross, dot))
+    angle = np.degrees(np.arctan2(cross, dot))
+    degenerate = (norm_a[..., 0] < ZERO_NORM) | (norm_b[..., 0] < ZERO_NORM)
+    return np.where(degenerate, 90.0, angle)
 
 
 @register_task
@@ -60,6 +65,7 @@ class NormalsTask(DenseTask):
 
     name = "normals"
     primary_metric = "mean_angle"
+    metric_units = {"mean_angle": "deg", "median_angle": "deg", **{_within_key(t): "%" for t in THRESHOLDS}}
     higher_is_better = False
     probe = "pixel"
     out_channels = 3

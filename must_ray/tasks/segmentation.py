@@ -44,6 +44,7 @@ class SegmentationConfig(TaskConfig):
     """Knobs of segmentation (``tasks.segmentation``)."""
 
     confidence_threshold: float = 0.0  # a teacher's pixels below this probability -> ignore (255)
+    postprocess_knobs = ("confidence_threshold",)
 
     def validate(self, key: str) -> None:
         super().validate(key)
@@ -57,6 +58,7 @@ class SegmentationTask(DenseTask):
 
     name = "segmentation"
     primary_metric = "miou"
+    metric_units = {"miou": "0-1", "pixel_acc": "0-1"}
     higher_is_better = True
     config_class = SegmentationConfig
     probe = "pixel"

@@ -3,7 +3,9 @@
 Read any number of examples tables with ``ray.data.read_parquet``, conform each to the run's task
 list (:func:`must_ray.table.conform`: a task a table lacks reads as all-null, i.e. masked) and
 union them. Files are shuffled per epoch (``FileShuffleConfig(reseed_after_execution=True)``);
-rows are mixed further by each worker's local shuffle buffer. Reading stays light (Parquet +
+rows are mixed further by each worker's local shuffle buffer. Every shuffle is seeded and the
+datasets keep their order (``execution_options.preserve_order``), so one seed gives one data order
+however the read tasks are scheduled (docs/training.md, Reproducibility). Reading stays light (Parquet +
 column ops only), so the read tasks reserve a fraction of a CPU (``TrainConfig.read_cpus``) and
 never starve while the training workers hold the rest. The worker side is
 :mod:`must_ray.train.collate`.
@@ -40,7 +42,9 @@ def read_tables(paths: Sequence[str], tasks: Sequence[str], *, seed: int = 0, re
             raise ValueError(f"{path} is not an examples table: it lacks base columns {missing}")
         columns = [c for c in names if c in wanted]
         shuffle = FileShuffleConfig(seed=seed + i, reseed_after_execution=True) if shuffle_files else None
-        ds = ray.data.read_parquet(path, shuffle=shuffle, num_cpus=read_cpus).select_columns(columns)
+        ds = ray.data.read_parquet(path, shuffle=shuffle, num_cpus=read_cpus)
+        ds.context.execution_options.preserve_order = True  # blocks in file order, whichever read ends first
+        ds = ds.select_columns(columns)
         ds = ds.map_batches(Conform(tasks=list(tasks)), batch_format="pyarrow", batch_size=None, num_cpus=read_cpus)
         parts.append(ds)
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])

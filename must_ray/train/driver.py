@@ -6,7 +6,7 @@ the result (``<out_dir>/model.pt``, ``metrics.jsonl``, ``summary.json``). A teac
 one task and real labels; the student is a run with every task of the pseudo-label table(s),
 optionally unioned with real-label tables (partial labels) - null cells mask a task's loss row by
 row. A run whose name already has checkpoints under the storage path resumes from the latest.
-The jobs' shared flags (:func:`add_train_flags`) are shorthands for ``--set <role>.<key>``.
+The training jobs' flags (:func:`must_ray.cli.add_train_flags`) are shorthands for ``--set <role>.<key>``.
 """
 from __future__ import annotations
 
@@ -16,19 +16,27 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from must_ray.config import Config, TrainConfig, teacher_config
 from must_ray.io import HISTORY_FILE, MODEL_FILE, atomic_path, is_uri
+from must_ray.models.export import check_model_file
 from must_ray.storage import (
     MULTI_NODE_ENV,
-    check_job_output_paths,
     check_shared_storage,
     cluster_node_count,
 )
 from must_ray.table import table_classes, table_rows, table_tasks, tables_bytes
-from must_ray.train.checkpoint import META_FILE, latest_checkpoint_meta, read_history, write_history
+from must_ray.train.checkpoint import (
+    META_FILE,
+    checkpoint_meta,
+    read_history,
+    registered_checkpoints,
+    remove_unregistered_checkpoints,
+    write_history,
+)
 from must_ray.train.dataset import cache_in_object_store, read_tables
 from must_ray.train.trainer import RunSpec, StepHook, train_loop_per_worker
 from must_ray.typed_config import ConfigError, config_to_dict
@@ -36,6 +44,8 @@ from must_ray.typed_config import ConfigError, config_to_dict
 log = logging.getLogger("must_ray.train.driver")
 
 ROLES = ("teacher", "student")
+#: Ray Train's storage under a run's ``--out`` unless ``checkpoint.storage_path`` is set
+RAY_TRAIN_DIR = "ray_train"
 
 
 @dataclass
@@ -52,7 +62,7 @@ class TrainPlan:
     stage: str  # where the driver writes them first (out_dir itself unless it is a URI)
     run_name: str
     storage: str
-    resumed_from: Optional[int] = None
+    submission: str = field(default_factory=lambda: uuid.uuid4().hex)  # this call's id in the run's attempts
 
     @property
     def tcfg(self) -> TrainConfig:
@@ -80,15 +90,17 @@ def train(cfg: Config, role: str, data: Optional[Sequence[str]] = None, tasks: O
     (``must_ray.cli.init_ray``)."""
     t_start = time.time()
     plan = plan_run(cfg, role, data, tasks, out_dir, run_name)
-    plan.resumed_from = resume_point(plan)
+    resume_point(plan)
     warn_if_cpus_oversubscribed(plan)
     dataset, cached = training_dataset(plan)
     spec = RunSpec(config=config_to_dict(plan.cfg), role=role, tasks=plan.tasks, classes=plan.classes,
                    num_rows=plan.rows, image_size=plan.image_size, run_name=plan.run_name, data=plan.data,
-                   experiment_dir=plan.experiment_dir, cached=cached, step_hooks=list(step_hooks))
+                   experiment_dir=plan.experiment_dir, cached=cached, step_hooks=list(step_hooks),
+                   submission=plan.submission)
     t_fit = time.time()
     result = fit(spec, dataset, plan)
     fit_s = time.time() - t_fit
+    drop_unregistered(plan)
     meta, history = export_outputs(result, plan)
     summary = summarise(plan, result, meta, history, cached=cached)
     summary.update(fit_s=round(fit_s, 2), wall_s=round(time.time() - t_start, 2))
@@ -115,7 +127,7 @@ def plan_run(cfg: Config, role: str, data: Optional[Sequence[str]], tasks: Optio
     os.makedirs(stage, exist_ok=True)
     plan = TrainPlan(cfg=cfg, role=role, data=data, tasks=names, classes=classes, rows=rows, out_dir=out_dir,
                      stage=stage, run_name=run_name or tcfg.checkpoint.run_name or default_run_name(cfg, role, names),
-                     storage=default_storage_path(cfg, tcfg))
+                     storage=default_storage_path(tcfg, out_dir))
     _check_shared(plan.storage, f"{role}.checkpoint.storage_path")
     _check_shared(out_dir, "--out")
     return plan
@@ -140,19 +152,17 @@ def _resolve_inputs(cfg: Config, role: str, data: Optional[Sequence[str]], tasks
         raise ConfigError(f"{role}.tasks: {missing} have no labels in {data} (tables hold {present})")
     if role == "teacher" and len(names) != 1:
         raise ConfigError(f"teacher.tasks: a teacher trains exactly one task, got {names}")
+    if tcfg.model.init_checkpoint and not is_uri(tcfg.model.init_checkpoint):
+        check_model_file(tcfg.model.init_checkpoint, f"{role}.model.init_checkpoint")
     classes = table_classes(data)
     rows = sum(table_rows(p) for p in data)
     return tcfg, data, names, classes, rows
 
 
-def default_storage_path(cfg: Config, tcfg: TrainConfig) -> str:
-    """``checkpoint.storage_path`` or ``<paths.root>/ray_results``, absolute (Ray needs that).
-    The default under a relative ``paths.root`` is refused in a job submitted with a working dir
-    (it would be Ray's temporary copy; ``cli.load_job_config`` checks an explicit storage_path)."""
-    storage_path = tcfg.checkpoint.storage_path
-    if not storage_path:
-        check_job_output_paths([("paths.root", cfg.paths.root)])
-    path = storage_path or os.path.join(cfg.paths.root, "ray_results")
+def default_storage_path(tcfg: TrainConfig, out_dir: str) -> str:
+    """``checkpoint.storage_path`` or ``<out_dir>/ray_train`` (so ``--out`` holds everything a run
+    writes), absolute (Ray needs that) unless a URI."""
+    path = tcfg.checkpoint.storage_path or f"{out_dir.rstrip('/')}/{RAY_TRAIN_DIR}"
     return path if is_uri(path) else os.path.abspath(path)
 
 
@@ -170,15 +180,17 @@ def _check_shared(location: str, key: str) -> None:
 
 
 def resume_point(plan: TrainPlan) -> Optional[int]:
-    """The step of the run's newest checkpoint when the run already exists (local storage),
-    else None. Refuses a run trained with other tasks, classes or backbone; warns when the data
-    changed."""
-    if is_uri(plan.storage):
+    """The step of the checkpoint Ray Train will hand the run's workers (its latest *registered*
+    one) when the run already exists, else None; first removes checkpoint directories Ray Train
+    never registered (an orphaned worker's). Refuses a run trained with other tasks, classes or
+    backbone; warns when the data changed."""
+    if not is_uri(plan.storage):
+        os.makedirs(plan.storage, exist_ok=True)
+    drop_unregistered(plan)
+    latest, _ = registered_checkpoints(plan.experiment_dir)
+    if latest is None:
         return None
-    os.makedirs(plan.storage, exist_ok=True)
-    meta = latest_checkpoint_meta(plan.experiment_dir)
-    if meta is None:
-        return None
+    meta = checkpoint_meta(latest)
     backbone = plan.tcfg.model.backbone
     if list(meta.get("tasks", [])) != plan.tasks or list(meta.get("classes", [])) != plan.classes \
             or meta.get("backbone") != backbone:
@@ -187,12 +199,20 @@ def resume_point(plan: TrainPlan) -> Optional[int]:
             f"backbone {meta.get('backbone')!r}; this submission has tasks {plan.tasks}, backbone "
             f"{backbone!r}. Choose another --run-name or delete {plan.experiment_dir}")
     step = int(meta["step"])
-    log.info("run %s: resuming from its checkpoint at step %d (%s)", plan.run_name, step, plan.experiment_dir)
+    log.info("run %s: resuming from its checkpoint at step %d (%s)", plan.run_name, step, latest.path)
     if meta.get("data") is not None and (list(meta["data"]) != plan.data or meta.get("rows") != plan.rows):
         log.warning("run %s was trained on %s (%s rows); it now continues on %s (%s rows). Use a new "
                     "--run-name to train from scratch on the new data", plan.run_name, meta["data"],
                     meta.get("rows"), plan.data, plan.rows)
     return step
+
+
+def drop_unregistered(plan: TrainPlan) -> None:
+    """Remove (and log) the run's checkpoint directories Ray Train never registered."""
+    removed = remove_unregistered_checkpoints(plan.experiment_dir)
+    if removed:
+        log.warning("run %s: removed %d checkpoint(s) Ray Train never registered (written by a worker that "
+                    "outlived its driver): %s", plan.run_name, len(removed), ", ".join(removed))
 
 
 def warn_if_cpus_oversubscribed(plan: TrainPlan) -> None:
@@ -232,15 +252,11 @@ def fit(spec: RunSpec, dataset, plan: TrainPlan):
     """Run the ``TorchTrainer`` (elastic when ``scaling.num_workers`` is ``[min, max]`` with
     min < max) to the end; returns its result, raising the run's error."""
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
     tcfg = plan.tcfg
     scaling, ckpt = tcfg.scaling, tcfg.checkpoint
     lo, hi = scaling.num_workers
-    options = ray.train.DataConfig.default_ingest_options()
-    ingest = ExecutionOptions(resource_limits=options.resource_limits, exclude_resources=options.exclude_resources,
-                              preserve_order=False, verbose_progress=False)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": spec},
@@ -253,7 +269,7 @@ def fit(spec: RunSpec, dataset, plan: TrainPlan):
             failure_config=ray.train.FailureConfig(max_failures=ckpt.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ckpt.num_to_keep)),
         datasets={"train": dataset},
-        dataset_config=ray.train.DataConfig(execution_options=ingest),
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options()),
     )
     result = trainer.fit()
     if getattr(result, "error", None):
@@ -261,6 +277,18 @@ def fit(spec: RunSpec, dataset, plan: TrainPlan):
     if result.checkpoint is None:
         raise RuntimeError(f"run {plan.run_name!r} finished without a checkpoint")
     return result
+
+
+def ingest_options():
+    """The Ray Data execution options of the training ingest: Ray Train's defaults, quiet, and in
+    order (``preserve_order``: the streaming split hands out blocks, and the collate threads
+    return batches, in the seeded order, so one seed gives one data order)."""
+    import ray.train
+    from ray.data import ExecutionOptions
+
+    options = ray.train.DataConfig.default_ingest_options()
+    return ExecutionOptions(resource_limits=options.resource_limits, exclude_resources=options.exclude_resources,
+                            preserve_order=True, verbose_progress=False)
 
 
 # ----------------------------------------------------------------------------- after the run
@@ -295,10 +323,19 @@ def summarise(plan: TrainPlan, result, meta: dict, history: list[dict], cached: 
         "final_losses": {k[5:]: v for k, v in last.items() if k.startswith("loss_")},
         "loss": last.get("loss"), "images_per_s": (sum(speeds) / len(speeds)) if speeds else None,
         "world_size": last.get("world_size"), "global_batch": last.get("global_batch"), "cached_input": cached,
-        "attempts": meta["attempts"], "resumed_from": plan.resumed_from,
+        "attempts": meta["attempts"], "resumed_from": restored_step(meta["attempts"], plan.submission),
         "checkpoint": result.checkpoint.path, "experiment_dir": plan.experiment_dir, "storage_path": plan.storage,
         "model": f"{out}/{MODEL_FILE}", "metrics": f"{out}/{HISTORY_FILE}", "out_dir": plan.out_dir,
     }
+
+
+def restored_step(attempts: Sequence[dict], submission: str) -> Optional[int]:
+    """The step this submission's first worker group restored from the checkpoint Ray Train
+    handed it (None: it started fresh), as the workers recorded it in the run's ``attempts``."""
+    for attempt in attempts:
+        if attempt.get("submission") == submission:
+            return attempt.get("restored_step")
+    return None
 
 
 def publish(plan: TrainPlan) -> None:
@@ -311,44 +348,3 @@ def publish(plan: TrainPlan) -> None:
     fs.create_dir(path, recursive=True)
     pafs.copy_files(plan.stage, path, destination_filesystem=fs)
     shutil.rmtree(plan.stage, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- job helpers
-
-
-def add_train_flags(parser) -> None:
-    """The plain flags both training jobs share (each becomes a ``--set <role>.<key>=...``)."""
-    parser.add_argument("--data", action="append", metavar="TABLE",
-                        help="examples table (Parquet dir/file/URI) to train on; repeatable (tables are unioned, "
-                             "missing task columns read as unlabelled)")
-    parser.add_argument("--out", metavar="DIR", help="where model.pt, metrics.jsonl and summary.json go")
-    parser.add_argument("--steps", type=int, metavar="N", help="optimiser steps (sets <role>.schedule.max_steps)")
-    parser.add_argument("--epochs", type=int, metavar="N", help="epochs when --steps is not given")
-    parser.add_argument("--workers", metavar="MIN[,MAX]",
-                        help="Ray Train workers; MIN,MAX makes the group elastic (e.g. 1,4)")
-    parser.add_argument("--batch-size", type=int, metavar="N", help="global batch size (all workers together)")
-    parser.add_argument("--run-name", metavar="NAME",
-                        help="Ray Train run name; re-submitting the same name resumes that run")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL, bf16 autocast)")
-
-
-def train_flag_overrides(args, role: str) -> list[str]:
-    """``--set`` strings for the plain flags that were given."""
-    out = []
-    if args.steps is not None:
-        out.append(f"{role}.schedule.max_steps={args.steps}")
-    if args.epochs is not None:
-        out.append(f"{role}.schedule.epochs={args.epochs}")
-    if args.workers:
-        parts = [p.strip() for p in str(args.workers).split(",") if p.strip()]
-        if not 1 <= len(parts) <= 2 or not all(p.isdigit() for p in parts):
-            raise ConfigError(f"--workers: expected MIN or MIN,MAX (integers), got {args.workers!r}")
-        lo, hi = int(parts[0]), int(parts[-1])
-        out.append(f"{role}.scaling.num_workers=[{lo}, {hi}]")
-    if args.batch_size is not None:
-        out.append(f"{role}.global_batch_size={args.batch_size}")
-    if args.run_name:
-        out.append(f"{role}.checkpoint.run_name={args.run_name}")
-    if args.gpu:
-        out.append(f"{role}.scaling.use_gpu=true")
-    return out

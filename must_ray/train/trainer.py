@@ -19,12 +19,14 @@ that step's report and checkpoint); the tests use one to kill a worker mid-run (
 from __future__ import annotations
 
 import os
+import random
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -58,6 +60,7 @@ class RunSpec:
     experiment_dir: str
     cached: bool = False
     step_hooks: list[StepHook] = field(default_factory=list)
+    submission: str = ""  # the driver's id of this submission, recorded in every attempt it starts
 
 
 def say(message: str) -> None:
@@ -65,6 +68,15 @@ def say(message: str) -> None:
     with Ray's redirected streams, emits every line twice.)"""
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Seed torch with the run's ``seed`` (every rank builds the same initial model) and Python's and
+    NumPy's global generators with ``seed + rank`` (nothing in the loop draws from them; code a
+    user plugs in, e.g. a task's loss, then still reproduces)."""
+    torch.manual_seed(seed)
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -148,7 +160,7 @@ class Trainer:
         """The model (seeded), optimiser, scheduler and EMA of the run; restored from ``state``
         (a checkpoint's :meth:`state_dict`) and its report ``history`` when given, else fresh
         (or initialised from ``model.init_checkpoint``)."""
-        torch.manual_seed(self.tcfg.seed)
+        seed_everything(self.tcfg.seed, self.rank)
         self.tasks, module = build_module(self.cfg, self.tcfg, self.task_names, len(self.classes))
         if state is not None:
             self._check_state(state)
@@ -169,7 +181,8 @@ class Trainer:
         if state is not None:
             self._restore_progress(state)
         self.attempts.append({"start_step": self.step, "world_size": self.world, "restore_s": round(restore_s, 3),
-                              "startup_s": None, "time": time.time()})
+                              "startup_s": None, "time": time.time(), "submission": self.run.submission,
+                              "restored_step": int(state["step"]) if state is not None else None})
         self._announce(restored=state is not None, restore_s=restore_s)
 
     def _check_state(self, state: dict) -> None:

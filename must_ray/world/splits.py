@@ -20,7 +20,8 @@ from must_ray import __version__
 from must_ray.config import Config, SplitConfig, WorldConfig
 from must_ray.images import encode_png
 from must_ray.io import write_atomic
-from must_ray.table import examples_schema, rows_to_table
+from must_ray.progress import current_tag, progress_tag
+from must_ray.table import examples_schema, non_table_files, rows_to_table, table_files
 from must_ray.tasks import build_tasks
 from must_ray.typed_config import ConfigError, config_to_dict
 from must_ray.world.labels import scene_labels
@@ -101,6 +102,17 @@ class SplitFilenames(FilenameProvider):
         return f"{self.prefix}-{task_index:05d}.parquet"
 
 
+def check_split_output(out_dir: str) -> None:
+    """Refuse (ConfigError, one line) an output folder for a split that holds anything but a
+    table: writing a split replaces the folder, so those files would be lost."""
+    others = non_table_files(out_dir)
+    if others == [os.path.abspath(out_dir)]:
+        raise ConfigError(f"--out {out_dir}: an existing file, not a folder; choose a folder path for the table")
+    if others:
+        raise ConfigError(f"--out {out_dir}: holds files that are not part of a table ({', '.join(others[:3])}); "
+                          "writing the split would delete them: choose a new or empty folder")
+
+
 def write_split(cfg: Config, name: str, out_dir: str, num: Optional[int] = None,
                 image_dir: Optional[str] = None) -> dict[str, Any]:
     """Render split ``name`` of ``cfg.world`` into an examples table at ``out_dir`` (a directory
@@ -119,6 +131,7 @@ def write_split(cfg: Config, name: str, out_dir: str, num: Optional[int] = None,
         split = SplitConfig(num=num, seed_offset=split.seed_offset, tasks=list(split.tasks), domain=split.domain)
     if split.num < 1:
         raise ConfigError(f"world.splits.{name}.num must be >= 1 to write it")
+    check_split_output(out_dir)
     if image_dir:
         os.makedirs(image_dir, exist_ok=True)
 
@@ -132,10 +145,11 @@ def write_split(cfg: Config, name: str, out_dir: str, num: Optional[int] = None,
         RenderBatch, fn_constructor_args=(cfg.world, split, cfg.tasks, image_dir),
         batch_size=batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
     )
-    ds.write_parquet(
-        out_dir, schema=schema, filename_provider=SplitFilenames(name), mode=SaveMode.OVERWRITE,
-        min_rows_per_file=min(cfg.world.rows_per_file, split.num), max_rows_per_file=cfg.world.rows_per_file,
-    )
-    files = sorted(f for f in os.listdir(out_dir) if f.endswith(".parquet")) if os.path.isdir(out_dir) else []
-    return {"split": name, "path": out_dir, "rows": split.num, "files": len(files), "tasks": list(split.tasks),
+    with progress_tag(f"{current_tag('world')} {name}", rows=split.num):
+        ds.write_parquet(
+            out_dir, schema=schema, filename_provider=SplitFilenames(name), mode=SaveMode.OVERWRITE,
+            min_rows_per_file=min(cfg.world.rows_per_file, split.num), max_rows_per_file=cfg.world.rows_per_file,
+        )
+    return {"split": name, "path": out_dir, "rows": split.num, "files": len(table_files(out_dir)[1]),
+            "tasks": list(split.tasks),
             "image_dir": image_dir}

@@ -211,7 +211,7 @@ def test_metrics_json_is_strict(tmp_path):
     assert data["models"]["student"]["tasks"]["depth"]["metrics"]["rmse"] is None
     assert data["passed"] is False and data["n"] == 3 and data["x"] == 0.5
     md = open(files["metrics_md"]).read()
-    assert "| depth | **abs_rel** | inf |" in md and "FAIL" in md
+    assert "| depth | **abs_rel** (ratio) | inf |" in md and "FAIL" in md
     assert strict_json({"a": [float("-inf"), np.float64(1.5)]}) == {"a": [None, 1.5]}
 
 

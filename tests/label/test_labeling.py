@@ -22,6 +22,7 @@ from must_ray.config import load_config
 from must_ray.images import decode_image, decode_image_rgb, resize_rgb
 from must_ray.label.inputs import list_inputs, plan_table, prepare_shard, resolve_input, shard_descriptors
 from must_ray.label.run import LabelRun, run_labeling
+from must_ray.label.store import OutputStore
 from must_ray.models import MultiTaskModel, file_sha256, images_to_tensor, load_model, save_model
 from must_ray.table import read_provenance, validate_table
 from must_ray.tasks import build_tasks, registered_task_names
@@ -65,7 +66,8 @@ def test_label_image_files_one_row_each_and_labels_equal_the_model_outside_ray(w
     for i, task in enumerate(["segmentation", "depth", "normals"]):
         _save_teacher(tmp_path / "teachers" / task / "model.pt", [task], seed=10 + i)
     cfg = _cfg(tmp_path, f"label.teachers.classification.path={shared}", f"label.teachers.detection.path={shared}",
-               "label.shard_size=8", "label.batch_size=4", "tasks.detection.score_threshold=0.05")
+               "label.shard_size=8", "label.batch_size=4", "tasks.detection.score_threshold=0.05",
+               "label.teachers.classification.input_size=null")  # the files' 64 px, not the demo's 32
     png_dir = world_files / "png"
     profile = LabelProfile()
     summary = run_labeling(cfg, str(png_dir), str(tmp_path / "labels"), observer=profile)
@@ -184,7 +186,8 @@ def test_bad_inputs_are_quarantined_with_reasons_and_counts_balance(world_files,
 
     good = {str(folder / k) for k, r in expect.items() if not r}
     bad = {str(folder / k): r for k, r in expect.items() if r}
-    assert summary["inputs"] == len(expect) and summary["ignored_files"] == 1  # readme.txt
+    assert summary["inputs"] == len(expect)
+    assert summary["ignored"] == {"hidden": 1, "not_an_image_suffix": 1}  # .hidden.png, readme.txt
     assert summary["rows"] == len(good) and summary["quarantined"] == len(bad)
     assert summary["rows"] + summary["quarantined"] == summary["inputs"]
     table = pq.read_table(out)
@@ -200,7 +203,7 @@ def test_bad_inputs_are_quarantined_with_reasons_and_counts_balance(world_files,
     assert got == bad
     assert all(quarantine.column("path").to_pylist()) and all(quarantine.column("detail").to_pylist())
     assert summary["quarantine_reasons"] == {"empty": 1, "not_an_image": 1, "too_large": 1, "truncated": 1}
-    assert json.loads((out / "_SUCCESS.json").read_text())["rows"] == len(good)
+    assert json.loads(Path(OutputStore(str(out)).success_path).read_text())["rows"] == len(good)
 
 
 def test_kill_mid_run_then_rerun_gives_exactly_one_row_per_image(world_files, tmp_path, ray_session):
@@ -229,7 +232,7 @@ def test_kill_mid_run_then_rerun_gives_exactly_one_row_per_image(world_files, tm
     assert 2 <= at_kill < total, f"kill was not mid-run: {at_kill} of {total} shards committed"
     time.sleep(2)  # let the killed job's actor die (Ray tears down a dead driver's actors)
     committed = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
-    assert not (out / "_SUCCESS.json").exists()
+    assert not Path(OutputStore(str(out)).success_path).exists()
 
     rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -244,7 +247,7 @@ def test_kill_mid_run_then_rerun_gives_exactly_one_row_per_image(world_files, tm
     assert len(ids) == len(set(ids)) == N_IMAGES  # no duplicates
     assert set(ids) == set(expected)  # none missing
     assert summary["rows"] == N_IMAGES and summary["quarantined"] == 0
-    assert not list((out / "_tmp").iterdir())
+    assert not list(Path(OutputStore(str(out)).tmp_dir).iterdir())
     print(f"kill test: {at_kill}/{total} shards committed when killed ({len(committed)} before the rerun); "
           f"the rerun skipped "
           f"{summary['shards_skipped']} and labelled {summary['shards_labeled']}; {len(ids)} rows, unique")
@@ -336,7 +339,7 @@ def test_listing_globs_uris_and_ids(world_files, tmp_path):
     png = world_files / "png"
     cfg = _cfg(tmp_path, *RANDOM)
     every = list_inputs(cfg, resolve_input(cfg, str(png)))
-    assert every.image_id == sorted(str(p) for p in png.iterdir()) and every.ignored == 0
+    assert every.image_id == sorted(str(p) for p in png.iterdir()) and every.ignored == {}
     assert all(size > 0 for size in every.offset)
     glob = list_inputs(cfg, resolve_input(cfg, str(png / "*_00010001[0-3].png")))
     assert [Path(i).name for i in glob.image_id] == [f"world_default_s0_0001000{k}.png" for k in range(10, 14)]

@@ -65,7 +65,8 @@ def test_checkpoint_teachers_share_a_file_hash_and_match_direct_forward(tmp_path
     path = save_model(str(tmp_path / "shared.pt"), shared, num_classes=5, task_cfgs={}, classes=list(CATEGORIES),
                       fpn_channels=16)
     cfg = _cfg(tmp_path, f"label.teachers.classification.path={path}", f"label.teachers.depth.path={path}",
-               "tasks.classification.topk=3", "tasks.classification.temperature=2.0")
+               "tasks.classification.topk=3", "tasks.classification.temperature=2.0",
+               "label.teachers.classification.input_size=null")  # at the images' 64 px, not the demo's 32
     specs, classes = resolve_teachers(cfg, ["classification", "depth"], 64)
     assert len(specs) == 1 and specs[0].tasks == ["classification", "depth"]  # one forward for both
     assert specs[0].sha256 == file_sha256(path) and classes == list(CATEGORIES)

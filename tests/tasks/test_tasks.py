@@ -361,6 +361,23 @@ def test_depth_and_normals_hand_computed(tasks):
     assert m["within_11_25"] == pytest.approx(100 / 3)
 
 
+def test_normals_zero_prediction_counts_as_90_degrees(tasks):
+    """atan2(0, 0) = 0: a zero (directionless) predicted vector must not score as a perfect hit."""
+    normals = tasks["normals"]
+    gt = np.zeros((3, 4, 3), np.float32)
+    gt[..., 2] = 1.0
+    gt[0, :2] = (0.0, 1.0, 0.0)
+    m = normals.metric_compute(normals.metric_update(normals.metric_state(), [np.zeros_like(gt)], [gt]))
+    assert m["mean_angle"] == pytest.approx(90.0) and m["median_angle"] == pytest.approx(90.0, abs=0.05)
+    assert m["within_11_25"] == 0.0 and m["within_30"] == 0.0
+    assert _angles(np.zeros(3), np.array([0.0, 0.0, 1.0])) == pytest.approx(90.0)
+    assert _angles(np.array([0.0, 0.0, 2.0]), np.array([0.0, 0.0, 1.0])) == pytest.approx(0.0)
+    raw = torch.zeros(1, 3, 3, 4)  # a head that outputs nothing: postprocess keeps it zero
+    pred = normals.postprocess(raw)[0]
+    m = normals.metric_compute(normals.metric_update(normals.metric_state(), [pred], [gt]))
+    assert m["mean_angle"] == pytest.approx(90.0) and m["within_11_25"] == 0.0
+
+
 def test_classification_metric_and_trivial(tasks):
     task = tasks["classification"]
     gts = [{"label": 1}, {"label": 1}, {"label": 2}, None]

@@ -6,12 +6,14 @@ import sys
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from must_ray.images import decode_image_rgb
 from must_ray.table import decode_labels, read_provenance, validate_table
 from must_ray.tasks import get_task_class, registered_task_names
+from must_ray.typed_config import ConfigError
 from must_ray.world.labels import render_labelled
-from must_ray.world.splits import image_file_name, write_split
+from must_ray.world.splits import check_split_output, image_file_name, write_split
 from tests.conftest import REPO
 
 
@@ -20,19 +22,18 @@ def _digest(directory):
     return [(p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files]
 
 
-def test_make_world_job_writes_identical_test_split_twice(tmp_path):
-    outs = []
-    for run in ("a", "b"):
-        out = tmp_path / run
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "jobs" / "make_world.py"), "--split", "test", "--num", "64", "--out", str(out),
-             "--set", "ray.num_cpus=2"],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        summary = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert summary["rows"] == 64 and summary["splits"][0]["path"] == str(out)
-        outs.append(out)
+def test_make_world_job_writes_identical_test_split_twice(ray_session, demo_config, tmp_path):
+    """The job (its own Ray) and the library call (the session's Ray) write the same bytes."""
+    outs = [tmp_path / "job", tmp_path / "library"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "make_world.py"), "--split", "test", "--num", "64", "--out", str(outs[0]),
+         "--set", "ray.num_cpus=2"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["rows"] == 64 and summary["splits"][0]["path"] == str(outs[0])
+    write_split(demo_config, "test", str(outs[1]), num=64)
     assert _digest(outs[0]) == _digest(outs[1]) and _digest(outs[0])
 
     table = pq.read_table(outs[0])
@@ -62,3 +63,23 @@ def test_write_split_matches_renderer(ray_session, demo_config, tmp_path):
         assert np.array_equal(labels["segmentation"], scene["segmentation"])
         assert labels["depth"] is None and labels["classification"] is None
         assert (image_dir / image_file_name(row["image_id"])).read_bytes() == row["image"]
+
+
+def test_make_world_refuses_an_out_under_a_file_before_ray_starts(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "make_world.py"), "--split", "test", "--num", "2",
+                           "--out", str(blocker / "test")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and f"--out {blocker / 'test'}" in proc.stderr
+
+
+def test_a_split_output_that_is_a_file_or_holds_other_files_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="an existing file, not a folder"):
+        check_split_output(str(tmp_path / "file"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="notes.txt.*would delete them"):
+        check_split_output(str(tmp_path / "mine"))
+    check_split_output(str(tmp_path / "new"))

@@ -36,7 +36,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
@@ -45,7 +44,7 @@ from must_ray import __version__
 from must_ray.images import BadImageError, decode_image, encode_png
 from must_ray.io import is_uri, write_atomic
 from must_ray.storage import ALLOW_LOCAL_ENV, MULTI_NODE_ENV, check_shared_storage, cluster_node_count, read_mounts
-from must_ray.table import examples_schema, rows_to_table
+from must_ray.table import examples_schema, non_table_files, open_table, rows_to_table
 from must_ray.tasks import build_task
 from must_ray.world.splits import SplitFilenames
 
@@ -216,23 +215,6 @@ def parse_classes(value: Optional[str | Sequence[str]]) -> Optional[list[str]]:
     return names
 
 
-def parse_scale(text: str) -> float:
-    """A positive number, also written as a fraction (``1/256``): argparse ``type=`` for scales."""
-    import argparse
-
-    try:
-        if "/" in str(text):
-            num, den = str(text).split("/", 1)
-            value = float(num) / float(den)
-        else:
-            value = float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
 # ----------------------------------------------------------------------------- images
 
 
@@ -323,6 +305,12 @@ def quarantine_path(out: str) -> str:
     return out.rstrip("/") + "_quarantine"
 
 
+def work_path(out: str) -> str:
+    """Where :func:`run_import` keeps files being written (beside the tables, never in them, so
+    every Parquet reader sees the tables as they are; removed at the end)."""
+    return out.rstrip("/") + "_tmp"
+
+
 def build_rows(batch: pa.Table, *, task_name: str, num_classes: int, task_cfg: Any,
                build_label: Callable, options: dict, parts_dir: str, max_pixels: int) -> pa.Table:
     """Ray Data batch function: records -> examples-table rows; unusable records are written to a
@@ -363,31 +351,28 @@ def build_rows(batch: pa.Table, *, task_name: str, num_classes: int, task_cfg: A
 
 
 def _count_rows(out: str) -> int:
-
-    if not is_dir(out):
-        return 0
-    fs, p = _fs_and_path(out)
-    files = [f for f in list_files(out, (".parquet",))]
-    if not files:
-        return 0
-    return pads.dataset([posixpath.join(p, f) for f in files], format="parquet", filesystem=fs).count_rows()
+    return int(open_table(out).count_rows()) if is_dir(out) else 0
 
 
-def _collect_quarantine(qdir: str) -> pa.Table:
-    """Merge the part files the workers wrote into one sorted ``quarantine.parquet``."""
-    parts_dir = join(qdir, "_parts")
-    if not is_dir(parts_dir):
-        return QUARANTINE_SCHEMA.empty_table()
-    tables = [pq.read_table(io.BytesIO(read_bytes(join(parts_dir, f)))) for f in list_files(parts_dir, (".parquet",))]
+def _collect_quarantine(qdir: str, work: str) -> pa.Table:
+    """Merge the part files the workers wrote under ``work`` into one sorted ``qdir/quarantine.parquet``
+    (moved there complete, so the quarantine folder only ever holds the finished table)."""
+    parts_dir = join(work, "quarantine-parts")
+    tables = ([pq.read_table(io.BytesIO(read_bytes(join(parts_dir, f)))) for f in list_files(parts_dir, (".parquet",))]
+              if is_dir(parts_dir) else [])
     table = pa.concat_tables(tables) if tables else QUARANTINE_SCHEMA.empty_table()
     table = table.sort_by("image_id")
-    remove_dir(parts_dir)
     if table.num_rows:
         sink = io.BytesIO()
         pq.write_table(table, sink)
-        write_bytes(join(qdir, "quarantine.parquet"), sink.getvalue())
-    else:
-        remove_dir(qdir)
+        if is_uri(qdir):
+            write_bytes(join(qdir, "quarantine.parquet"), sink.getvalue())
+        else:
+            staged = join(work, "quarantine.parquet")
+            write_bytes(staged, sink.getvalue())
+            os.makedirs(qdir, exist_ok=True)
+            os.replace(staged, join(qdir, "quarantine.parquet"))
+    remove_dir(work)
     return table
 
 
@@ -406,16 +391,16 @@ def run_import(plan: ImportPlan, out: str, *, task_cfg: Any = None, rows_per_fil
     if n == 0:
         raise DatasetError(f"{plan.format}: no images to import")
     out = absolute(out)
-    qdir = quarantine_path(out)
+    qdir, work = quarantine_path(out), work_path(out)
     for d in (out, qdir):  # replaced below: make sure that is all they hold
-        if is_dir(d):
-            others = [f for f in list_files(d) if not f.endswith(".parquet")]
-            if others:
-                raise DatasetError(f"--out: {d} exists and holds files that are not Parquet ({others[:3]}); "
-                                   "refusing to replace it")
-        elif is_file(d):
+        if is_file(d):
             raise DatasetError(f"--out: {d} is a file; expected a directory for the table")
+        others = non_table_files(d)
+        if others:
+            raise DatasetError(f"--out: {d} exists and holds files that are not part of a table ({others[:3]}); "
+                               "refusing to replace it")
     remove_dir(qdir)  # a previous run's quarantine must not be mistaken for this one's
+    remove_dir(work)  # nor a crashed run's quarantine parts
     remove_dir(out)  # a rerun replaces the table, even when it writes no rows
     provenance = {"kind": "import", "format": plan.format, "tasks": [plan.task], "classes": list(plan.classes),
                   **plan.provenance, "code_version": __version__}
@@ -428,12 +413,12 @@ def run_import(plan: ImportPlan, out: str, *, task_cfg: Any = None, rows_per_fil
         build_rows, batch_size=batch_size, batch_format="pyarrow",
         fn_kwargs={"task_name": plan.task, "num_classes": max(1, len(plan.classes)), "task_cfg": task_cfg,
                    "build_label": plan.build_label, "options": plan.options,
-                   "parts_dir": join(qdir, "_parts"), "max_pixels": int(max_pixels)},
+                   "parts_dir": join(work, "quarantine-parts"), "max_pixels": int(max_pixels)},
     )
     ds.write_parquet(out, schema=schema, filename_provider=SplitFilenames(plan.format), mode=SaveMode.OVERWRITE,
                      min_rows_per_file=min(rows_per_file, n), max_rows_per_file=rows_per_file)
 
-    quarantine = _collect_quarantine(qdir)
+    quarantine = _collect_quarantine(qdir, work)
     rows = _count_rows(out)
     reasons: dict[str, int] = {}
     for r in quarantine.column("reason").to_pylist():

@@ -4,7 +4,6 @@ and ``Task.predict``; several tasks naming the same checkpoint file share one fo
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tempfile
 from typing import Any, Optional, Sequence
@@ -22,6 +21,7 @@ from must_ray.label.teachers.base import (
 from must_ray.label.teachers.pixels import resample
 from must_ray.label.teachers.weights import WeightsFiles, materialised
 from must_ray.models import MultiTaskModel, images_to_tensor, load_model, save_model
+from must_ray.models.export import ModelFileError, model_payload
 from must_ray.task_registry import task_config
 from must_ray.tasks import Task, build_task, registered_task_names
 from must_ray.typed_config import ConfigError, config_to_dict
@@ -53,12 +53,9 @@ class MustTeacher(Teacher):
         return {t: self.task_objs[t].predict(out[t], size) for t in self.tasks}
 
 
-def _model_header(data: bytes) -> Optional[dict]:
-    """A must-ray model file's payload without its weights; None when the bytes are another file."""
-    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or "state_dict" not in payload or "tasks" not in payload:
-        return None
-    return {k: v for k, v in payload.items() if k != "state_dict"}
+def _model_header(data: bytes) -> dict:
+    """A must-ray model file's payload without its weights (:class:`ModelFileError` for another file)."""
+    return {k: v for k, v in model_payload(data).items() if k != "state_dict"}
 
 
 def random_teacher_bytes(cfg: Config, task: str, tcfg: TeacherConfig, num_classes: int,
@@ -103,10 +100,8 @@ class CheckpointKind(TeacherKind):
                 f"file, or do a dry run with a random-init teacher: --set label.teachers.{task}.kind=random")
         try:
             info = files.parsed(path, _model_header)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is a config problem here
-            raise ConfigError(f"label.teachers.{task}: cannot read {path} as a must-ray model file: {exc}") from None
-        if info is None:
-            raise ConfigError(f"label.teachers.{task}: {path} is not a must-ray model file")
+        except ModelFileError as exc:
+            raise ModelFileError(f"label.teachers.{task}: {path} {exc}") from None
         if task not in info["tasks"]:
             raise ConfigError(f"label.teachers.{task}: checkpoint {path} has no {task} head (it has {info['tasks']})")
 
