@@ -17,6 +17,7 @@ rerun says why.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -109,7 +110,8 @@ def run_teachers(cfg: Config) -> dict[str, Any]:
 
     tasks = student_tasks(cfg)
     with ThreadPoolExecutor(max(1, min(cfg.teacher.concurrent_runs, len(tasks)))) as pool:
-        return dict(pool.map(one, tasks))
+        # each run in the step's context: its progress tag (the training runs draw their own lines)
+        return dict(pool.map(lambda task: contextvars.copy_context().run(one, task), tasks))
 
 
 def run_label(cfg: Config) -> dict[str, Any]:
@@ -241,12 +243,13 @@ def steps() -> list[Step]:
         Step("world", "render the synthetic world", run_world,
              lambda c: [_split_path(c, n) for n in _world_splits(c)], reads=world_reads),
         Step("teachers", "train one teacher per task", run_teachers,
-             lambda c: [default_teacher_path(c, t) for t in student_tasks(c)], ("world",), reads=teachers_reads),
+             lambda c: [default_teacher_path(c, t) for t in student_tasks(c)], ("world",), reads=teachers_reads,
+             own_progress=True),
         Step("label", "pseudo-label the pool with every teacher", run_label,
              lambda c: [c.paths.resolve("labels")], ("world", "teachers"), reads=label_reads, fresh=_label_afresh,
              own_progress=True),
         Step("student", "train the multi-task student", run_student,
-             lambda c: [student_model_path(c)], ("label",), reads=student_reads),
+             lambda c: [student_model_path(c)], ("label",), reads=student_reads, own_progress=True),
         Step("evaluate", "evaluate student vs teachers", run_evaluate,
              lambda c: [os.path.join(c.paths.resolve("reports"), "metrics.json")], ("world", "teachers", "student"),
              reads=evaluate_reads),

@@ -142,6 +142,8 @@ class RayDataProgress:
     def _print(self, executor: Any, now: float, final: bool = False) -> None:
         done, total = execution_rows(executor)
         total = self.rows or total
+        if total is not None and done > total:  # Ray's estimate before its first task finished
+            total = None
         elapsed = max(now - (self.started or now), 1e-9)
         if final:
             text = f"[{self.tag}] {done} rows in {format_duration(elapsed)}, {done / elapsed:.1f} rows/s"

@@ -5,7 +5,10 @@ Quiet means, with Ray 2.60's own switches: no Ray Data execution plan per datase
 into a non-interactive log (``DataContext.enable_progress_bars``; the project draws its own
 progress line per step), no Ray Data INFO lines on the console (its ``ray-data.log`` file keeps
 them), no Ray Train ``Reporting training result ...`` line per report (a worker-process setup
-hook raises that logger to WARNING), and no token-authentication notice on every start of a
+hook raises that logger to WARNING), no Ray Train INFO lines on the console from its controller
+and workers (``RunConfig(logging_config=LoggingConfig(log_level=...))``, :func:`train_log_level`;
+Ray Train's system log files keep everything), no Ray Data INFO lines from Ray Data's own actors
+(the data coordinator of a training run: the setup hook), and no token-authentication notice on every start of a
 local cluster (Ray enables token authentication by default and says so each time; the notice's
 logger is raised to ERROR, the behaviour stays Ray's). Warnings and errors of every worker still
 reach the driver. Importing this module imports no Ray.
@@ -33,24 +36,44 @@ def quiet_ray(verbose: bool, local: bool) -> Optional[dict[str, Any]]:
     from ray.data import DataContext
     from ray.util.debug import log_once
 
+    global _QUIET
+    _QUIET = True
     ctx = DataContext.get_current()
     ctx.print_on_execution_start = False
     ctx.enable_progress_bars = False
     log_once("ray_data_progress_manager_disabled")  # Ray Data's one-time notice that bars are off
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
+    _quiet_ray_data_console()
     if _job_sets_setup_hook():
         return None
     return {"worker_process_setup_hook": SETUP_HOOK}
 
 
+_QUIET = False
+
+
+def train_log_level() -> str:
+    """The console level of Ray Train's own logs for this driver's runs: WARNING once
+    :func:`quiet_ray` quieted Ray, else Ray's default INFO."""
+    return "WARNING" if _QUIET else "INFO"
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data's console handler to WARNING in this process (its log file keeps INFO)."""
+    import ray.data  # noqa: F401 - configures Ray Data's loggers, which this then adjusts
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
 def quiet_worker() -> None:
-    """Ray worker-process setup hook: Ray Train's per-report INFO line off (warnings stay)."""
+    """Ray worker-process setup hook: Ray Train's per-report INFO line and Ray Data's console
+    INFO lines off (warnings stay)."""
     import ray
 
     path = os.path.join(os.path.dirname(ray.__file__), TRAIN_REPORT_LOGGER_FILE)
     logging.getLogger(path).setLevel(logging.WARNING)
+    _quiet_ray_data_console()
 
 
 def _job_sets_setup_hook() -> bool:

@@ -69,6 +69,19 @@ def models_from_flags(cfg, args) -> tuple[Optional[str], dict[str, str], dict[st
     return student, teachers, models
 
 
+def _schedule(train_cfg) -> str:
+    sched = train_cfg.schedule
+    return f"{sched.max_steps} steps" if sched.max_steps else f"{sched.epochs} epochs"
+
+
+def run_description(cfg) -> str:
+    """One line naming the run and its schedules, for the report's headline."""
+    per_task = sorted(cfg.teacher.per_task)
+    own = f" ({', '.join(per_task)}: own recipe)" if per_task else ""
+    return (f"Run `{cfg.name}`: student {_schedule(cfg.student)} of {cfg.student.global_batch_size} images, "
+            f"teachers {_schedule(cfg.teacher)} of {cfg.teacher.global_batch_size}{own}")
+
+
 def run_evaluation(cfg, *, student: Optional[str] = None, teachers: Optional[Mapping[str, str]] = None,
                    models: Optional[Mapping[str, str]] = None, data: Optional[Sequence[str]] = None,
                    out_dir: Optional[str] = None, pictures: bool = True, discover: bool = True) -> dict[str, Any]:
@@ -110,7 +123,7 @@ def run_evaluation(cfg, *, student: Optional[str] = None, teachers: Optional[Map
         comparison = compare(results["student"], {t: results[teacher_name(t)] for t in teachers}, ec.tolerance)
     classes = table_classes(tables, required=False)
     files = write_metrics(out_dir, results, comparison, extra={"data": tables},
-                          num_classes=len(classes) if classes else None)
+                          num_classes=len(classes) if classes else None, run=run_description(cfg))
     if pictures:
         files.update(render_pictures(out_dir, tables[0], student=student, teachers=teachers, models=models,
                                      grid_images=ec.grid_images, scale=ec.grid_scale))

@@ -23,6 +23,8 @@ from typing import Any, Optional, Sequence
 from must_ray.config import Config, TrainConfig, teacher_config
 from must_ray.io import HISTORY_FILE, MODEL_FILE, atomic_path, is_uri
 from must_ray.models.export import check_model_file
+from must_ray.progress import current_tag, progress_tag
+from must_ray.ray_logs import train_log_level
 from must_ray.storage import (
     MULTI_NODE_ENV,
     check_shared_storage,
@@ -267,11 +269,13 @@ def fit(spec: RunSpec, dataset, plan: TrainPlan):
         run_config=ray.train.RunConfig(
             name=plan.run_name, storage_path=plan.storage,
             failure_config=ray.train.FailureConfig(max_failures=ckpt.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ckpt.num_to_keep)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ckpt.num_to_keep),
+            logging_config=ray.train.LoggingConfig(log_level=train_log_level())),
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(execution_options=ingest_options()),
     )
-    result = trainer.fit()
+    with progress_tag(current_tag(""), ray_data=False):  # the workers report progress; the ingest draws no line
+        result = trainer.fit()
     if getattr(result, "error", None):
         raise result.error
     if result.checkpoint is None:

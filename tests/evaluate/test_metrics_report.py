@@ -30,3 +30,12 @@ def test_units_grouped_skips_and_no_trivial_top_k():
     assert "- no head for this task in the model: teacher_classification (depth); teacher_depth (classification)" in md
     assert "top5 (0-1)" not in md and "Not shown: top5 (only 4 classes" in md
     assert "top5 (0-1) 1.0000" in metrics_markdown(res, rows, num_classes=10)
+
+
+def test_headline_counts_tasks_meeting_the_criterion_and_says_what_the_run_is():
+    res = _results()
+    res["student"]["tasks"]["depth"] = _entry("abs_rel", 0.4, {"rmse": 0.8}, hib=False)  # worse than its teacher
+    rows = compare(res["student"], {"classification": res["teacher_classification"], "depth": res["teacher_depth"]})
+    md = metrics_markdown(res, rows, num_classes=4, run="Run `demo`: student 300 steps")
+    assert "## Student vs teachers: 1 of 2 tasks meet the MuST criterion" in md
+    assert "Run `demo`: student 300 steps. The criterion" in md and "must-synthetic.yaml" in md
