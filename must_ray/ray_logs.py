@@ -10,8 +10,13 @@ and workers (``RunConfig(logging_config=LoggingConfig(log_level=...))``, :func:`
 Ray Train's system log files keep everything), no Ray Data INFO lines from Ray Data's own actors
 (the data coordinator of a training run: the setup hook), and no token-authentication notice on every start of a
 local cluster (Ray enables token authentication by default and says so each time; the notice's
-logger is raised to ERROR, the behaviour stays Ray's). Warnings and errors of every worker still
-reach the driver. Importing this module imports no Ray.
+logger is raised to ERROR, the behaviour stays Ray's), and no warning per second from Ray Train's
+placement-group cleaner that it cannot reach Ray's state API (a local instance runs without the
+dashboard that serves it, and goes down with its driver, placement groups included; the setup hook
+raises that logger to ERROR). The hook also gives every worker its own cluster's address
+(``RAY_ADDRESS``), so Ray's state-API clients in workers never stop at "found multiple active Ray
+instances" when a developer runs two. Warnings and errors of every worker still reach the driver.
+Importing this module imports no Ray.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import Any, Optional
 SETUP_HOOK = "must_ray.ray_logs.quiet_worker"
 TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 TRAIN_REPORT_LOGGER_FILE = os.path.join("train", "v2", "_internal", "execution", "context.py")
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def quiet_ray(verbose: bool, local: bool) -> Optional[dict[str, Any]]:
@@ -67,12 +73,17 @@ def _quiet_ray_data_console() -> None:
 
 
 def quiet_worker() -> None:
-    """Ray worker-process setup hook: Ray Train's per-report INFO line and Ray Data's console
-    INFO lines off (warnings stay)."""
+    """Ray worker-process setup hook: Ray Train's per-report INFO line, its placement-group
+    cleaner's state-API warnings and Ray Data's console INFO lines off (other warnings stay); the
+    worker's own cluster address in ``RAY_ADDRESS`` for Ray's state-API clients."""
     import ray
 
     path = os.path.join(os.path.dirname(ray.__file__), TRAIN_REPORT_LOGGER_FILE)
     logging.getLogger(path).setLevel(logging.WARNING)
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+    worker = ray._private.worker.global_worker
+    if worker.mode == ray.WORKER_MODE and not os.environ.get("RAY_ADDRESS"):
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     _quiet_ray_data_console()
 
 

@@ -3,6 +3,7 @@ several jobs have, and Ray's log noise off by default."""
 import argparse
 import io
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,9 +79,17 @@ def test_quiet_ray_turns_ray_data_noise_off_and_verbose_keeps_it():
         assert not ctx.print_on_execution_start and not ctx.enable_progress_bars
     finally:
         ctx.print_on_execution_start, ctx.enable_progress_bars = saved
-    quiet_worker()
+    address = os.environ.pop("RAY_ADDRESS", None)
+    try:
+        quiet_worker()
+        assert "RAY_ADDRESS" not in os.environ  # a driver (this process) keeps choosing its own cluster
+    finally:
+        if address is not None:
+            os.environ["RAY_ADDRESS"] = address
     import ray.train.v2._internal.execution.context as train_context
+    import ray.train.v2._internal.execution.controller.placement_group_cleaner as pg_cleaner
     assert logging.getLogger(train_context.__file__).getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger(pg_cleaner.__name__).getEffectiveLevel() == logging.ERROR
 
 
 def test_pipeline_closing_table():

@@ -35,7 +35,7 @@ import time
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
-import pyarrow.dataset as pads
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
@@ -48,7 +48,7 @@ from must_ray.models import images_to_tensor, load_model
 from must_ray.models.export import read_model_header
 from must_ray.models.multitask import FPN, build_backbone
 from must_ray.progress import ProgressLine, current_tag
-from must_ray.table import decode_column, table_classes
+from must_ray.table import decode_column, open_table, table_classes
 from must_ray.tasks import Task, build_task, get_task_class, probe_task_names
 from must_ray.tasks.base import Crop
 from must_ray.world.splits import write_split
@@ -63,12 +63,17 @@ TEST_OFFSET = 50_000  # the transfer test split starts this many scenes after th
 
 def load_examples(path: str, tasks: Sequence[str], limit: Optional[int] = None,
                   num_classes: int = 1) -> tuple[list[str], list[np.ndarray], dict[str, list[Any]]]:
-    """``(image_ids, uint8 RGB images, {task: labels})`` of the first ``limit`` rows of an examples
-    table (labels ``None`` where a row has none)."""
-    ds = pads.dataset(str(path), format="parquet")
+    """``(image_ids, uint8 RGB images, {task: labels})`` of an examples table in ``image_id`` order
+    (the first ``limit`` ids with a limit; labels ``None`` where a row has none). The order of the
+    rows in the files never reaches a probe, so a probe's result depends on the table's content only."""
+    ds = open_table(str(path))
     objs = {t: build_task(t, num_classes) for t in tasks}
     cols = ["image_id", "image"] + [f.name for t in tasks for f in objs[t].columns() if f.name in ds.schema.names]
-    table = ds.head(limit, columns=cols) if limit else ds.to_table(columns=cols)
+    wanted = None
+    if limit:
+        ids = ds.to_table(columns=["image_id"]).column("image_id")
+        wanted = pc.field("image_id").isin(ids.take(pc.sort_indices(ids)[:limit]))
+    table = ds.to_table(columns=cols, filter=wanted).sort_by("image_id")
     images = [decode_image(b) for b in table.column("image").to_pylist()]
     labels = {t: decode_column(objs[t], table) for t in tasks}
     return table.column("image_id").to_pylist(), images, labels

@@ -3,8 +3,10 @@
 A split is ``(num, seed_offset, tasks, domain)`` from :class:`~must_ray.config.SplitConfig`:
 scene ``i`` of the split is scene ``(world.seed, seed_offset + i)`` of the domain, so any row can be
 regenerated anywhere and splits with disjoint offsets never share a scene. Rendering runs in Ray
-Data ``map_batches`` tasks (scales out over a cluster); rows keep their order and files get
-deterministic names, so writing the same split twice gives byte-identical Parquet files.
+Data actors (scales out over a cluster). Each actor call renders and writes one whole file, scenes
+``[k * rows_per_file, (k + 1) * rows_per_file)`` in index order, so a file's bytes are a function of
+the split and ``k`` alone: no scheduling, retry or completion order reaches the table, and writing
+the same split twice gives byte-identical Parquet files.
 """
 from __future__ import annotations
 
@@ -14,14 +16,15 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
-from ray.data.datasource import FilenameProvider
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from must_ray import __version__
 from must_ray.config import Config, SplitConfig, WorldConfig
 from must_ray.images import encode_png
-from must_ray.io import write_atomic
-from must_ray.progress import current_tag, progress_tag
-from must_ray.table import examples_schema, non_table_files, rows_to_table, table_files
+from must_ray.io import atomic_path, is_uri, write_atomic
+from must_ray.progress import ProgressLine, current_tag
+from must_ray.table import TableNotFoundError, examples_schema, non_table_files, rows_to_table, table_files
 from must_ray.tasks import build_tasks
 from must_ray.typed_config import ConfigError, config_to_dict
 from must_ray.world.labels import scene_labels
@@ -50,7 +53,7 @@ def split_provenance(world: WorldConfig, name: str, split: SplitConfig) -> dict[
 
 
 class RenderBatch:
-    """Ray Data batch function: indices -> examples-table rows for one split.
+    """Scene indices of one split (``{"id": [...]}``) -> their examples-table rows, in order.
 
     A class (not a closure) so the task objects are built once per worker. Every task derives its
     label from the scene's raw render buffers (``Task.world_label``)."""
@@ -90,16 +93,57 @@ def _write_image_file(directory: str, image_id: str, png: bytes) -> None:
     write_atomic(os.path.join(directory, image_file_name(image_id)), png)
 
 
-class SplitFilenames(FilenameProvider):
-    """Deterministic Parquet file names (``<prefix>-<write task>-<i>.parquet``) so that a rerun
-    overwrites instead of adding files."""
+def split_file_name(name: str, index: int) -> str:
+    """Name of file ``index`` of split ``name`` (scenes from ``index * rows_per_file``)."""
+    return f"{name}-{index:05d}.parquet"
 
-    def __init__(self, prefix: str):
-        super().__init__(file_format="parquet")
-        self.prefix = prefix
 
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"{self.prefix}-{task_index:05d}.parquet"
+class RenderFiles:
+    """Ray Data batch function: file indices -> each file rendered (``render_batch`` scenes at a
+    time) and written whole, its rows in scene order; returns one ``(file, rows)`` row per file."""
+
+    def __init__(self, world: WorldConfig, name: str, split: SplitConfig, task_cfgs: dict, out_dir: str,
+                 schema: pa.Schema, image_dir: Optional[str] = None):
+        self.render = RenderBatch(world, split, task_cfgs, image_dir)
+        self.world, self.name, self.split, self.out_dir, self.schema = world, name, split, out_dir, schema
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        files, rows = [], []
+        for k in (int(i) for i in batch["id"]):
+            start = k * self.world.rows_per_file
+            stop = min(start + self.world.rows_per_file, self.split.num)
+            parts = [self.render({"id": np.arange(i, min(i + self.world.render_batch, stop))})
+                     for i in range(start, stop, self.world.render_batch)]
+            table = pa.concat_tables(parts).cast(self.schema)
+            files.append(_write_table(self.out_dir, split_file_name(self.name, k), table))
+            rows.append(table.num_rows)
+        return {"file": np.array(files, dtype=object), "rows": np.array(rows)}
+
+
+def _write_table(out_dir: str, file_name: str, table: pa.Table) -> str:
+    """Write one Parquet file of a split: atomically on a local disk, one PUT on an object store."""
+    if is_uri(out_dir):
+        fs, root = pafs.FileSystem.from_uri(out_dir)
+        path = f"{root.rstrip('/')}/{file_name}"
+        pq.write_table(table, path, filesystem=fs)
+        return f"{out_dir.rstrip('/')}/{file_name}"
+    path = os.path.join(out_dir, file_name)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def _clear_table(out_dir: str) -> None:
+    """Remove the table files of a previous write (the folder holds nothing else:
+    :func:`check_split_output`), so a smaller split leaves no stale file behind."""
+    if not is_uri(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+    try:
+        fs, files = table_files(out_dir)
+    except TableNotFoundError:
+        return
+    for f in files:
+        fs.delete_file(f)
 
 
 def check_split_output(out_dir: str) -> None:
@@ -119,8 +163,6 @@ def write_split(cfg: Config, name: str, out_dir: str, num: Optional[int] = None,
     of Parquet files, replaced if present); optionally also as PNG files in ``image_dir``.
     Returns a summary (path, rows, files, tasks)."""
     import ray
-    from ray.data import DataContext
-    from ray.data._internal.savemode import SaveMode
 
     if name not in cfg.world.splits:
         raise ConfigError(f"world.splits: no split named {name!r}; known: {', '.join(sorted(cfg.world.splits))}")
@@ -135,21 +177,22 @@ def write_split(cfg: Config, name: str, out_dir: str, num: Optional[int] = None,
     if image_dir:
         os.makedirs(image_dir, exist_ok=True)
 
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # row order, hence file bytes, are reproducible
-    batch = cfg.world.render_batch
-    max_actors = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    num_blocks = max(1, math.ceil(split.num / cfg.world.rows_per_file))
+    _clear_table(out_dir)
+    num_files = max(1, math.ceil(split.num / cfg.world.rows_per_file))
+    max_actors = max(1, min(num_files, int(ray.cluster_resources().get("CPU", 1))))
     schema = examples_schema(split.tasks, split_provenance(cfg.world, name, split))
-    ds = ray.data.range(split.num, override_num_blocks=num_blocks).map_batches(
-        RenderBatch, fn_constructor_args=(cfg.world, split, cfg.tasks, image_dir),
-        batch_size=batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
+    ds = ray.data.range(num_files, override_num_blocks=num_files).map_batches(
+        RenderFiles, fn_constructor_args=(cfg.world, name, split, cfg.tasks, out_dir, schema, image_dir),
+        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
     )
-    with progress_tag(f"{current_tag('world')} {name}", rows=split.num):
-        ds.write_parquet(
-            out_dir, schema=schema, filename_provider=SplitFilenames(name), mode=SaveMode.OVERWRITE,
-            min_rows_per_file=min(cfg.world.rows_per_file, split.num), max_rows_per_file=cfg.world.rows_per_file,
-        )
+    line = ProgressLine(f"{current_tag('world')} {name}", split.num, "rows")
+    done = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        done += int(batch["rows"].sum())
+        line.update(done)
+    line.finish()
+    if done != split.num:
+        raise RuntimeError(f"world split {name}: rendered {done} rows, expected {split.num}")
     return {"split": name, "path": out_dir, "rows": split.num, "files": len(table_files(out_dir)[1]),
             "tasks": list(split.tasks),
             "image_dir": image_dir}

@@ -1,4 +1,5 @@
 """jobs/make_world.py end to end: Ray Data writes a split; bytes are identical across runs."""
+import copy
 import hashlib
 import json
 import subprocess
@@ -13,7 +14,7 @@ from must_ray.table import decode_labels, read_provenance, validate_table
 from must_ray.tasks import get_task_class, registered_task_names
 from must_ray.typed_config import ConfigError
 from must_ray.world.labels import render_labelled
-from must_ray.world.splits import check_split_output, image_file_name, write_split
+from must_ray.world.splits import check_split_output, image_file_name, image_id_for, write_split
 from tests.conftest import REPO
 
 
@@ -83,3 +84,23 @@ def test_a_split_output_that_is_a_file_or_holds_other_files_is_refused(tmp_path)
     with pytest.raises(ConfigError, match="notes.txt.*would delete them"):
         check_split_output(str(tmp_path / "mine"))
     check_split_output(str(tmp_path / "new"))
+
+
+def test_each_split_file_holds_its_own_scene_range_in_order_and_a_rewrite_leaves_no_stale_file(
+        ray_session, demo_config, tmp_path):
+    """File k holds scenes [k * rows_per_file, ...) in order, whatever order the actors finish in
+    (several files, several render batches per file); a smaller rewrite removes the extra file."""
+    cfg = copy.deepcopy(demo_config)
+    cfg.world.rows_per_file, cfg.world.render_batch = 4, 3
+    out = tmp_path / "split"
+    write_split(cfg, "test", str(out), num=10)
+    offset = cfg.world.splits["test"].seed_offset
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["test-00000.parquet", "test-00001.parquet", "test-00002.parquet"]
+    for k, name in enumerate(files):
+        ids = pq.read_table(out / name).column("image_id").to_pylist()
+        expected = range(offset + 4 * k, offset + min(4 * k + 4, 10))
+        assert ids == [image_id_for(cfg.world.seed, cfg.world.splits["test"].domain, i) for i in expected]
+    write_split(cfg, "test", str(out), num=5)
+    assert sorted(p.name for p in out.iterdir()) == files[:2]
+    assert pq.read_table(out).num_rows == 5

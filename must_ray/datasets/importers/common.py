@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
+from ray.data.datasource import FilenameProvider
 
 from must_ray import __version__
 from must_ray.images import BadImageError, decode_image, encode_png
@@ -46,10 +47,21 @@ from must_ray.io import is_uri, write_atomic
 from must_ray.storage import ALLOW_LOCAL_ENV, MULTI_NODE_ENV, check_shared_storage, cluster_node_count, read_mounts
 from must_ray.table import examples_schema, non_table_files, open_table, rows_to_table
 from must_ray.tasks import build_task
-from must_ray.world.splits import SplitFilenames
 
 #: file extensions treated as images when listing folders (lower case)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+
+class TableFilenames(FilenameProvider):
+    """Deterministic Parquet file names (``<prefix>-<write task>-<i>.parquet``) so that a rerun
+    overwrites instead of adding files."""
+
+    def __init__(self, prefix: str):
+        super().__init__(file_format="parquet")
+        self.prefix = prefix
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{self.prefix}-{task_index:05d}.parquet"
+
 
 QUARANTINE_SCHEMA = pa.schema([
     pa.field("image_id", pa.string()),
@@ -415,7 +427,7 @@ def run_import(plan: ImportPlan, out: str, *, task_cfg: Any = None, rows_per_fil
                    "build_label": plan.build_label, "options": plan.options,
                    "parts_dir": join(work, "quarantine-parts"), "max_pixels": int(max_pixels)},
     )
-    ds.write_parquet(out, schema=schema, filename_provider=SplitFilenames(plan.format), mode=SaveMode.OVERWRITE,
+    ds.write_parquet(out, schema=schema, filename_provider=TableFilenames(plan.format), mode=SaveMode.OVERWRITE,
                      min_rows_per_file=min(rows_per_file, n), max_rows_per_file=rows_per_file)
 
     quarantine = _collect_quarantine(qdir, work)
