@@ -244,8 +244,14 @@ def list_files(cfg: Config, inp: LabelInput) -> Listing:
         entries = [_single_file(fs, inp.root)]
     else:
         entries = _entries(fs, inp.root)
-        if inp.pattern is not None:
-            entries = [e for e in entries if fnmatch.fnmatchcase(e.path, inp.pattern)]
+    return select_entries(cfg, inp, entries)
+
+
+def select_entries(cfg: Config, inp: LabelInput, entries: list[Entry]) -> Listing:
+    """``entries`` (found below ``inp``, in path order) as a listing: those the glob matches, each
+    an input or counted as ignored by kind (an extension not in ``label.extensions`` included)."""
+    if inp.pattern is not None:
+        entries = [e for e in entries if fnmatch.fnmatchcase(e.path, inp.pattern)]
     exts = _image_exts(cfg)
     keep: list[Entry] = []
     ignored: Counter = Counter()
@@ -567,6 +573,6 @@ def decode_shards(batch: pa.Table, ctx: PrepareContext) -> pa.Table:
 
 
 __all__ = ["LabelInput", "Listing", "PrepareContext", "PreparedShard", "PLAN_SCHEMA", "resolve_input", "list_inputs",
-           "list_files", "table_file_ids", "parquet_files", "plan_table", "shard_descriptors", "read_plan_batch",
-           "shard_inputs", "make_prepare_context", "prepare_image", "prepare_shard", "decode_shards",
+           "list_files", "select_entries", "table_file_ids", "parquet_files", "plan_table", "shard_descriptors",
+           "read_plan_batch", "shard_inputs", "make_prepare_context", "prepare_image", "prepare_shard", "decode_shards",
            "filesystem_for"]

@@ -9,7 +9,8 @@ Layout (``<output>_manifest/plan/``)::
 
 :func:`write_plan` has the pieces written by Ray tasks (in process when no Ray is connected): a
 world split in blocks of its index range, a table one task per file (a table's shards never span
-two files), a folder by one listing task (``paths.walk_folder``'s rule that a linked folder is
+two files), a local folder by one task per top-level sub-folder (:func:`plan_folder`; one task for
+the whole tree when it holds a folder link: ``paths.walk_folder``'s rule that a linked folder is
 listed once needs the whole tree). Shards are contiguous runs of the shard size in listing order,
 as before. The driver only collects each piece's shard sizes, then writes the index; ``run.json``
 comes after it (present => the plan is complete), so a planning run killed half-way leaves no
@@ -20,6 +21,7 @@ converted to pieces the first time a run opens it (:func:`load_plan`).
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import sys
@@ -32,7 +34,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from must_ray.config import Config
-from must_ray.label.inputs import LabelInput, filesystem_for, list_files, parquet_files, read_plan_batch, table_file_ids
+from must_ray.label.inputs import (
+    LabelInput,
+    filesystem_for,
+    list_files,
+    parquet_files,
+    read_plan_batch,
+    select_entries,
+    table_file_ids,
+)
+from must_ray.label.paths import folder_children, walk_real_tree
 from must_ray.label.store import OutputStore
 from must_ray.progress import progress_text
 from must_ray.typed_config import ConfigError
@@ -223,6 +234,106 @@ def files_pieces(store: OutputStore, cfg: Config, inp: LabelInput, shard_size: i
     return {"pieces": out, "ignored": listing.ignored}
 
 
+def _write_listing(store: OutputStore, name: str, listing) -> int:
+    """A folder part's inputs as a temporary listing file (``plan/listing/``); their number."""
+    for d in (store.plan_dir + "/listing", store.tmp_dir):
+        store.fs.create_dir(d, recursive=True)
+    batch = pa.record_batch([pa.array(listing.image_id, pa.string()), pa.array(listing.locator, pa.string()),
+                             pa.array(listing.offset, pa.int64())], schema=PIECE_SCHEMA)
+    store.write_ipc(f"{store.plan_dir}/listing/{name}", PIECE_SCHEMA, [batch])
+    return batch.num_rows
+
+
+def scan_top(store: OutputStore, cfg: Config, inp: LabelInput) -> dict[str, Any]:
+    """Task: the top level of a local folder input. Its inputs go to a listing file; returned: its
+    real sub-folders, where each one's inputs fall among the top-level ones in path order, and the
+    ignored counts. ``{"split": False}`` when it cannot be split (unlistable, or a folder link)."""
+    try:
+        entries, real, linked = folder_children(inp.root)
+    except OSError:
+        return {"split": False}
+    if linked or not real:
+        return {"split": False}
+    listing = select_entries(cfg, inp, entries)
+    rows = _write_listing(store, "top.arrow", listing)
+    # a folder's files sort at its path + "/", after a top-level "a.png" and before "a0.png"
+    positions = [bisect.bisect_left(listing.locator, d + "/") for d in real]
+    return {"split": True, "rows": rows, "dirs": real, "positions": positions, "ignored": listing.ignored}
+
+
+def list_subfolder(store: OutputStore, cfg: Config, inp: LabelInput, folder: str, name: str) -> dict[str, Any]:
+    """Task: the inputs below one top-level sub-folder to a listing file; ``{"linked": True}``
+    instead when the sub-tree holds a folder link (the whole tree is then listed by one task)."""
+    entries, linked = walk_real_tree(folder)
+    if linked:
+        return {"linked": True}
+    listing = select_entries(cfg, inp, entries)
+    return {"rows": _write_listing(store, name, listing), "ignored": listing.ignored}
+
+
+def piece_from_listings(store: OutputStore, name: str, slices: list[tuple[str, int, int]],
+                        shard_size: int) -> dict[str, Any]:
+    """Task: plan piece ``name`` from ``(listing uri, first row, rows)`` slices, in order."""
+    parts = []
+    for uri, first, count in slices:
+        fs, path, _ = filesystem_for(uri)
+        with fs.open_input_file(path) as f:
+            parts.append(pa.ipc.open_file(f).read_all().slice(first, count))
+    table = pa.concat_tables(parts).combine_chunks()
+    ids, locs, offs = (table.column(c).chunk(0) if table.num_rows else pa.array([], t)
+                       for c, t in (("image_id", pa.string()), ("locator", pa.string()), ("offset", pa.int64())))
+    return {"piece": name, "rows": _write_piece(store, name, _shard_batches(ids, locs, offs, shard_size))}
+
+
+def plan_folder(store: OutputStore, cfg: Config, inp: LabelInput, shard_size: int, piece_rows: int,
+                remote: bool) -> Optional[tuple[list[dict[str, Any]], dict[str, int]]]:
+    """The pieces of a local folder input listed by one task per top-level sub-folder (the same
+    inputs, order and shards as one walk of the whole tree: without folder links, disjoint
+    sub-trees walk apart), then one task per piece. None when the folder cannot be split that way
+    (not local, no sub-folder, a folder link): the caller lists it in one task."""
+    if inp.filesystem.type_name != "local" or not os.path.isdir(inp.root):
+        return None
+    (top,) = run_tasks([(scan_top, (store, cfg, inp))], remote, tag="list")
+    if not top["split"]:
+        return None
+    subs = run_tasks([(list_subfolder, (store, cfg, inp, d, f"sub-{i:06d}.arrow")) for i, d in enumerate(top["dirs"])],
+                     remote, tag="list")
+    listing_dir = f"{store.manifest_uri}/plan/listing"
+    if any(r.get("linked") for r in subs):
+        store.fs.delete_dir(store.plan_dir + "/listing")
+        return None
+    segments: list[tuple[str, int, int]] = []  # (listing, first row, rows) in path order
+    previous = 0
+    for i, position in enumerate(top["positions"]):
+        if position > previous:
+            segments.append((f"{listing_dir}/top.arrow", previous, position - previous))
+        segments.append((f"{listing_dir}/sub-{i:06d}.arrow", 0, subs[i]["rows"]))
+        previous = position
+    if top["rows"] > previous:
+        segments.append((f"{listing_dir}/top.arrow", previous, top["rows"] - previous))
+    total = sum(n for _, _, n in segments)
+    per_piece = max(1, piece_rows // shard_size) * shard_size
+    jobs, seg, used = [], 0, 0
+    for k, start in enumerate(range(0, total, per_piece)):
+        want, slices = min(per_piece, total - start), []
+        while want:
+            uri, first, count = segments[seg]
+            take = min(want, count - used)
+            if take:
+                slices.append((uri, first + used, take))
+            want, used = want - take, used + take
+            if used == count:
+                seg, used = seg + 1, 0
+        jobs.append((piece_from_listings, (store, piece_name(k), slices, shard_size)))
+    pieces = run_tasks(jobs, remote)
+    store.fs.delete_dir(store.plan_dir + "/listing")
+    ignored: dict[str, int] = {}
+    for r in [top, *subs]:
+        for kind, n in r["ignored"].items():
+            ignored[kind] = ignored.get(kind, 0) + n
+    return pieces, dict(sorted(ignored.items()))
+
+
 def duplicate_id(pieces: list[str]) -> Optional[str]:
     """An id that occurs twice in the plan pieces ``pieces`` (paths or URIs), else None."""
     columns = []
@@ -249,7 +360,8 @@ def run_tasks(jobs: list[tuple[Callable, tuple]], remote: bool, tag: str = "plan
     import ray
 
     pause = float(os.environ.get(PAUSE_ENV) or 0)
-    refs = [ray.remote(fn).options(num_cpus=1).remote(*args) for fn, args in jobs]
+    remotes: dict[Callable, Any] = {}
+    refs = [remotes.setdefault(fn, ray.remote(num_cpus=1)(fn)).remote(*args) for fn, args in jobs]
     position = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
     waiting, t0, last = list(refs), time.perf_counter(), time.perf_counter()
@@ -285,9 +397,10 @@ def write_plan(store: OutputStore, cfg: Config, inp: LabelInput, shard_size: int
         if not files:
             raise ConfigError(f"--input {inp.uri}: no Parquet files")
         jobs = [(table_piece, (store, piece_name(k), inp, path, shard_size)) for k, path in enumerate(files)]
-    else:
+    folder = plan_folder(store, cfg, inp, shard_size, piece_rows, remote) if inp.kind == "files" else None
+    if inp.kind == "files" and folder is None:
         jobs = [(files_pieces, (store, cfg, inp, shard_size, piece_rows))]
-    results = run_tasks(jobs, remote)
+    results = run_tasks(jobs, remote) if folder is None else [{"pieces": folder[0], "ignored": folder[1]}]
     errors = [r["error"] for r in results if "error" in r]
     if errors:
         store.clear_plan()
@@ -315,4 +428,5 @@ def write_plan(store: OutputStore, cfg: Config, inp: LabelInput, shard_size: int
 
 
 __all__ = ["Plan", "run_tasks", "PIECE_SCHEMA", "INDEX_SCHEMA", "PAUSE_ENV", "load_plan", "plan_from_table",
-           "write_plan", "world_piece", "table_piece", "files_pieces", "duplicate_id", "piece_name", "index_path"]
+           "write_plan", "world_piece", "table_piece", "files_pieces", "plan_folder", "scan_top", "list_subfolder",
+           "piece_from_listings", "duplicate_id", "piece_name", "index_path"]

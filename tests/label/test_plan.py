@@ -148,3 +148,31 @@ def test_kill_while_the_distributed_plan_is_written_then_rerun_exactly_once(ray_
     expected = load_plan(store).to_table().column("image_id").to_pylist()
     assert len(expected) == len(set(expected)) == n
     assert_read_as(out, expected, ray_session, nested=True)
+
+
+def _folder(root: Path, names: list[str]) -> Path:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x" * len(name))
+    return root
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["split_by_subfolder", "folder_link_one_task"])
+def test_folder_plan_by_subfolder_tasks_is_the_one_walk_plan(link, ray_session, tmp_path):
+    """A folder is listed by one task per top-level sub-folder (one task for the whole tree when
+    it holds a folder link): the same inputs, order, shards and ignored counts as one walk."""
+    pool = _folder(tmp_path / "pool", ["a.png", "a/x.png", "a/y/z.png", "a0.png", "b/.hidden.png", "b/c.jpg",
+                                       "b/notes.txt", "c.png", "d/e/f.png", "d/e/g.png", "_skip/h.png"])
+    if link:
+        os.symlink(pool / "d", pool / "b" / "to_d")
+    cfg = _cfg(tmp_path, "label.plan_piece_rows=3")
+    for uri in (str(pool), str(pool / "*" / "*.png")):
+        inp = resolve_input(cfg, uri)
+        store = OutputStore(str(tmp_path / "labels"))
+        store.clear_plan()
+        plan, ignored = write_plan(store, cfg, inp, 2, remote=True)
+        listing = list_inputs(cfg, inp)
+        assert plan.to_table().equals(plan_table(listing, 2)) and ignored == listing.ignored, uri
+        assert not Path(store.plan_dir, "listing").exists()
+    assert [Path(i).relative_to(pool).as_posix() for i in listing.image_id] == ["a/x.png", "a/y/z.png", "d/e/f.png",
+                                                                              "d/e/g.png"]  # the glob's inputs
