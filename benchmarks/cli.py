@@ -11,7 +11,9 @@ Subcommands (each warms up before timing; default sizes take under 3 minutes on 
            steps, and what batch size / channels_last / threads / torch.compile change (reported)
   memory   peak RSS of a teacher actor labelling N and 4N images (target: growth < 10 %)
   scaling  labelling throughput with 1 vs 2 teacher actors (target: >= 1.8x)
-  all      all six at default sizes; --write docs/benchmarks.md regenerates the doc
+  scale    the labelling driver at 1M/4M/16M ids: plan + describe + verify seconds and driver peak RSS
+           (target: RSS growth < 200 MiB, planning 16M < 2 min); s/image at 2k/8k/32k images (flat)
+  all      all seven at default sizes; --write docs/benchmarks.md regenerates the doc
 Details, figures and what each measures: docs/benchmarks.md.
 
 Examples:
@@ -28,7 +30,7 @@ import logging
 import time
 from typing import Any, Optional, Sequence
 
-from benchmarks import doc, flops, label, loader, memory, scaling, train
+from benchmarks import doc, flops, label, loader, memory, scale, scaling, train
 from benchmarks.common import machine_info
 from benchmarks.options import Benchmark, add_options, options_from
 from must_ray.cli import init_ray, job_parser, load_job_config
@@ -37,7 +39,7 @@ from must_ray.typed_config import ConfigError
 
 #: every benchmark, in the order ``all`` runs them
 BENCHMARKS: dict[str, Benchmark] = {m.BENCHMARK.name: m.BENCHMARK for m in (label, train, loader, flops, memory,
-                                                                           scaling)}
+                                                                           scaling, scale)}
 NAMES = tuple(BENCHMARKS)
 
 

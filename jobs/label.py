@@ -36,9 +36,9 @@ def main() -> dict:
     from must_ray.label.run import LabelRun, run_labeling
 
     run = LabelRun(cfg)  # fail fast (missing teacher, bad input or output) before starting Ray
-    run.open()  # and list the input and check a table's schema and ids, or resume the plan
+    run.check_input()  # and a table input's schema and ids
     init_ray(cfg, verbose=args.verbose)
-    return run_labeling(cfg, run=run)
+    return run_labeling(cfg, run=run)  # plans (Ray tasks write the pieces) or resumes the plan, then labels
 
 
 def _yaml_str(value: str) -> str:

@@ -331,6 +331,9 @@ class LabelConfig:
     max_image_pixels: int = 50_000_000  # larger images are quarantined (decompression bombs)
     tasks: list[str] = field(default_factory=list)  # tasks to label; [] = every task in label.teachers
     shard_size: int = 256  # images per shard: the unit of one actor call and of one atomic commit
+    shard_bytes: int = 128 * 1024 * 1024  # fewer images per shard when a part file would grow larger (estimate)
+    files_per_dir: int = 10_000  # a plan of more shards spreads its part files over sub-directories of this many
+    plan_piece_rows: int = 1 << 18  # input ids per plan piece (one Ray task writes one piece)
     decode_num_cpus: float = 1.0  # CPUs each read/decode task reserves (fractional is fine)
     torch_threads: int = 0  # intra-op threads per actor; 0 = max(1, round(num_cpus_per_actor))
     encode_threads: int = 1  # threads per actor PNG-encoding batch i while the teachers run batch i+1 (0 = inline)
@@ -345,6 +348,9 @@ class LabelConfig:
             raise ConfigError(f"{key}.actors must be [min, max] with 1 <= min <= max, got {self.actors}")
         if self.shard_size < 1:
             raise ConfigError(f"{key}.shard_size must be >= 1, got {self.shard_size}")
+        for name in ("shard_bytes", "files_per_dir", "plan_piece_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
         if self.decode_num_cpus < 0:
             raise ConfigError(f"{key}.decode_num_cpus must be >= 0, got {self.decode_num_cpus}")
         if self.torch_threads < 0:

@@ -115,3 +115,19 @@ def test_bad_flags_fail_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         _job().main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_scale_plans_describes_and_verifies_in_fresh_drivers(ray_session, demo_config, tmp_path):
+    """``jobs/benchmark.py scale``'s function at a tiny size (the labelling part is the job the
+    label tests run): the size in its own driver process, every id planned, described, committed
+    and verified; the figures are finite."""
+    from benchmarks.scale import ScaleOptions, benchmark_scale
+    from must_ray.config import load_config
+
+    cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml", [f"paths.root={tmp_path}"])
+    r = benchmark_scale(cfg, ScaleOptions(ids=[6000], images=[0], shard_size=500, workdir=str(tmp_path / "w")))
+    assert [(p["ids"], p["rows"], p["shards"], p["descriptors"]) for p in r["plans"]] == [(6000, 6000, 12, 12)]
+    assert all(p["rss_peak_mb"] >= p["rss_plan_mb"] > 0 and p["plan_s"] > 0 and p["verify_tasks"] >= 1
+               for p in r["plans"])
+    assert r["labelling"] == [] and len(r["checks"]) == 2 and all(math.isfinite(c["value"]) for c in r["checks"])
+    json.dumps(r)

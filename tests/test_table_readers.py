@@ -24,6 +24,7 @@ from PIL import Image
 from must_ray.config import load_config
 from must_ray.datasets.exporters import EXPORT_FORMATS, export_labels
 from must_ray.datasets.importers import import_dataset
+from must_ray.label.plan import load_plan
 from must_ray.label.run import run_labeling
 from must_ray.label.store import QUARANTINE_SCHEMA, OutputStore
 from must_ray.table import TableNotFoundError, non_table_files, open_table, table_files
@@ -34,8 +35,9 @@ N_SCENES = 6
 RANDOM = [f"label.teachers.{t}.kind=random" for t in registered_task_names()]
 
 
-def reader_ids(folder: str, ray) -> dict[str, list[str]]:
-    """The sorted ``image_id`` column of ``folder`` as each reader sees it."""
+def reader_ids(folder: str, ray, nested: bool = False) -> dict[str, list[str]]:
+    """The sorted ``image_id`` column of ``folder`` as each reader sees it (``nested``: part files
+    in sub-directories, which the ``*.parquet`` globs do not reach by design)."""
     def duck(pattern: str) -> list:
         return [r[0] for r in duckdb.sql(f"SELECT image_id FROM read_parquet('{folder}/{pattern}')").fetchall()]
 
@@ -48,15 +50,23 @@ def reader_ids(folder: str, ray) -> dict[str, list[str]]:
         "polars **/*.parquet": pl.read_parquet(f"{folder}/**/*.parquet", columns=["image_id"])["image_id"].to_list(),
         "duckdb *.parquet": duck("*.parquet"),
         "duckdb **/*.parquet": duck("**/*.parquet"),
+    } if not nested else {
+        "pyarrow.dataset": pads.dataset(folder).to_table(columns=["image_id"]).column("image_id").to_pylist(),
+        "ray.data": [r["image_id"] for r in ray.data.read_parquet(folder).select_columns(["image_id"]).take_all()],
+        "pandas": pd.read_parquet(folder, columns=["image_id"])["image_id"].tolist(),
+        "polars": pl.read_parquet(folder, columns=["image_id"])["image_id"].to_list(),
+        "polars **/*.parquet": pl.read_parquet(f"{folder}/**/*.parquet", columns=["image_id"])["image_id"].to_list(),
+        "duckdb **/*.parquet": duck("**/*.parquet"),
+        "table_files": open_table(folder).to_table(columns=["image_id"]).column("image_id").to_pylist(),
     }
     return {name: sorted(ids) for name, ids in got.items()}
 
 
-def assert_read_as(folder, expected_ids, ray) -> None:
+def assert_read_as(folder, expected_ids, ray, nested: bool = False) -> None:
     """Every reader gives exactly ``expected_ids`` (each once) from ``folder``."""
     expected = sorted(expected_ids)
     assert expected, f"{folder}: nothing to compare"
-    wrong = {name: ids for name, ids in reader_ids(str(folder), ray).items() if ids != expected}
+    wrong = {name: ids for name, ids in reader_ids(str(folder), ray, nested).items() if ids != expected}
     assert not wrong, f"{folder}: readers disagree with the table's {len(expected)} rows: " + \
         ", ".join(f"{n} read {len(ids)}" for n, ids in wrong.items())
 
@@ -92,7 +102,7 @@ def test_label_output_and_its_quarantine_read_as_the_tables(world, ray_session):
     assert_read_as(root / "labels_quarantine", [broken], ray_session)
     assert non_table_files(str(root / "labels")) == [] and non_table_files(str(root / "labels_quarantine")) == []
     store = OutputStore(str(root / "labels"))
-    assert store.read_success()["rows"] == N_SCENES and store.read_plan().num_rows == N_SCENES + 1
+    assert store.read_success()["rows"] == N_SCENES and load_plan(store).num_rows == N_SCENES + 1
 
 
 def test_export_all_formats_of_a_label_output(world, ray_session, tmp_path):
@@ -173,7 +183,8 @@ def test_an_output_of_the_old_layout_resumes_and_becomes_a_clean_table(world, ra
     (old / "_tmp").mkdir()
     (old / "_tmp" / "part-000009.parquet.dead.tmp").write_bytes(b"half")
     (tmp_path / "labels_quarantine" / "_tmp").mkdir()
-    pq.write_table(OutputStore(str(world["root"] / "labels")).read_plan(), old / "_manifest" / "plan.parquet")
+    # the oldest layout; resuming moves it to <output>_manifest/plan.arrow, then to plan pieces
+    pq.write_table(load_plan(OutputStore(str(world["root"] / "labels"))).to_table(), old / "_manifest" / "plan.parquet")
     shutil.copy(new_manifest / "run.json", old / "_manifest" / "run.json")
     shutil.copy(new_manifest / "SUCCESS.json", old / "_SUCCESS.json")
     with pytest.raises(Exception):

@@ -103,7 +103,7 @@ def resolve_input(cfg: Config, input_uri: Optional[str]) -> LabelInput:
         table = os.path.join(table, "unlabeled") if "://" not in table else table.rstrip("/") + "/unlabeled"
         fs, root, prefix = filesystem_for(table)
         info = fs.get_file_info(root)
-        if info.type == pafs.FileType.Directory and _parquet_files(fs, root):
+        if info.type == pafs.FileType.Directory and parquet_files(fs, root):
             return LabelInput("table", table, fs, root, prefix)
         input_uri = "world:unlabeled"
     if input_uri.startswith("world:"):
@@ -192,8 +192,8 @@ def _entries(fs, root: str) -> list[Entry]:
     return sorted(out, key=lambda e: e.path)
 
 
-def _parquet_files(fs, root: str) -> list[str]:
-
+def parquet_files(fs, root: str) -> list[str]:
+    """The Parquet files of a table input (the file itself, or every ``.parquet`` below the folder)."""
     if _kind(fs, root) == "file":
         return [root]
     return [e.path for e in _entries(fs, root) if e.kind == "file" and e.path.endswith(".parquet")]
@@ -226,7 +226,7 @@ def list_inputs(cfg: Config, inp: LabelInput) -> Listing:
         idx = [split.seed_offset + i for i in range(split.num)]
         return Listing([image_id_for(cfg.world.seed, split.domain, i) for i in idx], [""] * len(idx), idx)
     if inp.kind == "files":
-        return _list_files(cfg, inp)
+        return list_files(cfg, inp)
     return _list_table(inp)
 
 
@@ -237,14 +237,21 @@ def _single_file(fs, path: str) -> Entry:
     return Entry(path, "file", int(size if size is not None else -1))
 
 
-def _list_files(cfg: Config, inp: LabelInput) -> Listing:
+def list_files(cfg: Config, inp: LabelInput) -> Listing:
+    """The images of a ``files`` input in path order, with what was found that is not an input."""
     fs = inp.filesystem
     if inp.pattern is None and _kind(fs, inp.root) == "file":
         entries = [_single_file(fs, inp.root)]
     else:
         entries = _entries(fs, inp.root)
-        if inp.pattern is not None:
-            entries = [e for e in entries if fnmatch.fnmatchcase(e.path, inp.pattern)]
+    return select_entries(cfg, inp, entries)
+
+
+def select_entries(cfg: Config, inp: LabelInput, entries: list[Entry]) -> Listing:
+    """``entries`` (found below ``inp``, in path order) as a listing: those the glob matches, each
+    an input or counted as ignored by kind (an extension not in ``label.extensions`` included)."""
+    if inp.pattern is not None:
+        entries = [e for e in entries if fnmatch.fnmatchcase(e.path, inp.pattern)]
     exts = _image_exts(cfg)
     keep: list[Entry] = []
     ignored: Counter = Counter()
@@ -267,7 +274,7 @@ def _is_string(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
-def _table_file_ids(inp: LabelInput, path: str) -> list[str]:
+def table_file_ids(inp: LabelInput, path: str) -> list[str]:
     """The ids of one table file, after checking it up front: a readable Parquet file (footer and
     ``image_id`` column only, never the images), a binary ``image`` column, string ``source``,
     non-empty string ids."""
@@ -303,7 +310,7 @@ def _table_file_ids(inp: LabelInput, path: str) -> list[str]:
 
 
 def _list_table(inp: LabelInput) -> Listing:
-    files = _parquet_files(inp.filesystem, inp.root)
+    files = parquet_files(inp.filesystem, inp.root)
     if not files:
         raise ConfigError(f"--input {inp.uri}: no Parquet files")
     ids: list[str] = []
@@ -311,7 +318,7 @@ def _list_table(inp: LabelInput) -> Listing:
     offs: list[int] = []
     groups: list[int] = []
     for fi, path in enumerate(files):
-        col = _table_file_ids(inp, path)
+        col = table_file_ids(inp, path)
         n = len(col)
         ids.extend(col)
         locs.extend([path] * n)
@@ -461,10 +468,28 @@ def prepare_image(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
     return small, png, h, w
 
 
+def read_plan_batch(piece: str, batch: int) -> pa.RecordBatch:
+    """Record batch ``batch`` (one shard: ``image_id``, ``locator``, ``offset``) of the plan piece
+    file ``piece`` (a path or URI); only that batch is read."""
+    fs, path, _ = filesystem_for(piece)
+    with fs.open_input_file(path) as f:
+        return pa.ipc.open_file(f).get_batch(int(batch))
+
+
+def shard_inputs(desc: dict[str, Any]) -> tuple[list[str], list[str], list[int]]:
+    """``(ids, locators, offsets)`` of a shard descriptor: one naming its slice of a plan piece
+    (``{"shard", "piece", "batch"}``, ``label.plan``) is read here, in the decode task; one
+    carrying the lists (:func:`shard_descriptors`) is taken as it is."""
+    if "piece" in desc:
+        b = read_plan_batch(desc["piece"], desc["batch"])
+        return (b.column("image_id").to_pylist(), b.column("locator").to_pylist(), b.column("offset").to_pylist())
+    return list(desc["image_id"]), list(desc["locator"]), list(desc["offset"])
+
+
 def prepare_shard(desc: dict[str, Any], ctx: PrepareContext) -> PreparedShard:
-    """Read and decode every input of shard descriptor ``desc`` (see :func:`shard_descriptors`)."""
+    """Read and decode every input of shard descriptor ``desc`` (:func:`shard_inputs`)."""
     t0 = time.perf_counter()
-    ids, locs, offs = list(desc["image_id"]), list(desc["locator"]), list(desc["offset"])
+    ids, locs, offs = shard_inputs(desc)
     n = len(ids)
     s = ctx.image_size
     source = [ctx.source] * n
@@ -548,5 +573,6 @@ def decode_shards(batch: pa.Table, ctx: PrepareContext) -> pa.Table:
 
 
 __all__ = ["LabelInput", "Listing", "PrepareContext", "PreparedShard", "PLAN_SCHEMA", "resolve_input", "list_inputs",
-           "plan_table", "shard_descriptors", "make_prepare_context", "prepare_image", "prepare_shard", "decode_shards",
+           "list_files", "select_entries", "table_file_ids", "parquet_files", "plan_table", "shard_descriptors",
+           "read_plan_batch", "shard_inputs", "make_prepare_context", "prepare_image", "prepare_shard", "decode_shards",
            "filesystem_for"]

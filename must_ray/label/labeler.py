@@ -139,7 +139,7 @@ class ShardLabeler:
     prepared shard runs them all, encodes and commits. Returns one report row per shard."""
 
     def __init__(self, cfg_dict: dict, specs: list, classes: list[str], tasks: list[str], image_size: int,
-                 provenance: dict, output: str, device: Optional[str] = None):
+                 provenance: dict, output: str, device: Optional[str] = None, files_per_dir: int = 0):
         t0 = time.time()
         cfg = config_from_dict(cfg_dict)
         torch.set_num_threads(torch_threads(cfg))
@@ -149,7 +149,7 @@ class ShardLabeler:
         self.teachers = TeacherSet(specs, cfg, classes, image_size, device)
         self.tasks = build_tasks(tasks, len(classes), cfg.tasks)
         self.schema = examples_schema(tasks, provenance)
-        self.store = OutputStore(output)
+        self.store = OutputStore(output, files_per_dir)
         self.metrics = LabelMetrics(output)
         self.executor = None
         if cfg.label.encode_threads > 0:

@@ -98,6 +98,50 @@ def _entry(path: str, dirent: os.DirEntry) -> tuple[str, int]:
     return _mode_kind(st.st_mode), int(st.st_size)
 
 
+def folder_children(folder: str) -> tuple[list[Entry], list[str], list[str]]:
+    """One level of the local folder ``folder``: its entries that are not folders (files and the
+    ignored kinds; a hidden name is one ``hidden`` entry, not looked into), its real sub-folders
+    and the sub-folders reached through symbolic links, each sorted by path. Raises OSError when
+    the folder cannot be listed."""
+    with os.scandir(folder) as it:
+        children = sorted(it, key=lambda d: d.name)
+    entries: list[Entry] = []
+    real: list[str] = []
+    linked: list[str] = []
+    for child in children:
+        path = os.path.join(folder, child.name)
+        if hidden_name(child.name):
+            entries.append(Entry(path, "hidden"))
+            continue
+        kind, size = _entry(path, child)
+        if kind == "directory":
+            (linked if child.is_symlink() else real).append(path)
+        else:
+            entries.append(Entry(path, kind, size))
+    return entries, real, linked
+
+
+def _visit(top: str, entries: list[Entry], seen: set[tuple[int, int]], linked: list[str]) -> None:
+    """Walk the real tree below ``top`` into ``entries``; folder links found go on the heap ``linked``."""
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                entries.append(Entry(folder, "duplicate_directory"))
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            here, subfolders, links = folder_children(folder)
+        except OSError:
+            entries.append(Entry(folder, "unreadable"))
+            continue
+        entries.extend(here)
+        for path in links:
+            heapq.heappush(linked, path)
+        stack.extend(reversed(subfolders))
+
+
 def walk_folder(root: str) -> list[Entry]:
     """Every entry below the local folder ``root``, sorted by path; no file is opened.
 
@@ -108,42 +152,20 @@ def walk_folder(root: str) -> list[Entry]:
     entries: list[Entry] = []
     seen: set[tuple[int, int]] = set()
     linked: list[str] = []
-
-    def visit(top: str) -> None:
-        stack = [top]
-        while stack:
-            folder = stack.pop()
-            try:
-                st = os.stat(folder)
-                if (st.st_dev, st.st_ino) in seen:
-                    entries.append(Entry(folder, "duplicate_directory"))
-                    continue
-                seen.add((st.st_dev, st.st_ino))
-                with os.scandir(folder) as it:
-                    children = sorted(it, key=lambda d: d.name)
-            except OSError:
-                entries.append(Entry(folder, "unreadable"))
-                continue
-            subfolders = []
-            for child in children:
-                path = os.path.join(folder, child.name)
-                if hidden_name(child.name):
-                    entries.append(Entry(path, "hidden"))
-                    continue
-                kind, size = _entry(path, child)
-                if kind == "directory":
-                    if child.is_symlink():
-                        heapq.heappush(linked, path)
-                    else:
-                        subfolders.append(path)
-                else:
-                    entries.append(Entry(path, kind, size))
-            stack.extend(reversed(subfolders))
-
-    visit(root)
+    _visit(root, entries, seen, linked)
     while linked:
-        visit(heapq.heappop(linked))
+        _visit(heapq.heappop(linked), entries, seen, linked)
     return sorted(entries, key=lambda e: e.path)
+
+
+def walk_real_tree(root: str) -> tuple[list[Entry], list[str]]:
+    """:func:`walk_folder` of ``root`` without following folder links: its entries, and the folders
+    reached through links that were not walked (sorted). With no such link it is the same walk, so
+    disjoint sub-trees can be walked apart (``label.plan`` lists a folder's sub-folders in tasks)."""
+    entries: list[Entry] = []
+    linked: list[str] = []
+    _visit(root, entries, set(), linked)
+    return sorted(entries, key=lambda e: e.path), sorted(linked)
 
 
 def check_output_dir(path: str, flag: str = "--output") -> None:
@@ -165,5 +187,5 @@ def check_output_dir(path: str, flag: str = "--output") -> None:
                           f"choose another {flag}")
 
 
-__all__ = ["Entry", "IGNORED_KINDS", "SPECIAL_KINDS", "check_output_dir", "describe_kind", "hidden_name", "path_kind",
-           "walk_folder"]
+__all__ = ["Entry", "IGNORED_KINDS", "SPECIAL_KINDS", "check_output_dir", "describe_kind", "folder_children",
+           "hidden_name", "path_kind", "walk_folder", "walk_real_tree"]

@@ -3,7 +3,7 @@ an examples table exactly once (MuST step 2). Reference: ``docs/labeling.md``.
 
 Pipeline (one streaming Ray Data execution, :func:`build_pipeline`)::
 
-    from_items(shard descriptors)                       driver: ids + paths only, never pixels
+    from_items(shard descriptors)                       driver: (piece, batch) per shard, never an id
       -> map_batches(decode_shards)         tasks        read, decode, resize ONCE, PNG the image cell
       -> map_batches(ShardLabeler)          actor pool   ALL teachers on the decoded shard, encode
                                                          the label cells, commit the shard
@@ -12,9 +12,11 @@ Pipeline (one streaming Ray Data execution, :func:`build_pipeline`)::
 A *shard* (``label.shard_size`` inputs, fixed by the plan) travels through the pipeline as ONE
 row, so an actor always holds a whole shard and commits it as one unit (``label.store``: the
 quarantine file, then the part file; the part file's appearance is the commit). Resuming = labelling
-the shards without a part file. A run, in order: :class:`LabelRun` resolves and plans,
-:func:`build_pipeline` + :class:`Progress` label the pending shards, :func:`verify_output` checks
-exactly once, :func:`summarise` writes the summary. The actor itself is ``label.labeler``.
+the shards without a part file. A run, in order: :class:`LabelRun` resolves and plans (the plan is
+written in pieces by Ray tasks, ``label.plan``), :func:`build_pipeline` + :class:`Progress` label
+the pending shards, ``label.verify`` checks exactly once in Ray tasks, :func:`summarise` writes the
+summary. The driver's memory grows with the number of shards, never with the number of images.
+The actor itself is ``label.labeler``.
 """
 from __future__ import annotations
 
@@ -26,23 +28,22 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import pyarrow as pa
-
 from must_ray import __version__
 from must_ray.config import Config
 from must_ray.label.inputs import (
     LabelInput,
     decode_shards,
-    list_inputs,
     make_prepare_context,
-    plan_table,
+    parquet_files,
     resolve_input,
-    shard_descriptors,
+    table_file_ids,
 )
 from must_ray.label.labeler import ShardLabeler
 from must_ray.label.paths import check_output_dir
+from must_ray.label.plan import Plan, load_plan, write_plan
 from must_ray.label.store import OutputStore
 from must_ray.label.teachers import resolve_teachers
+from must_ray.label.verify import verify_output
 from must_ray.progress import progress_text
 from must_ray.table import examples_schema
 from must_ray.tasks import registered_task_names
@@ -51,8 +52,11 @@ from must_ray.typed_config import ConfigError, config_to_dict
 log = logging.getLogger("must_ray.label.run")
 
 # what must match for a rerun to resume an existing output (anything else may change)
-RESUME_KEYS = ("input", "tasks", "teachers", "thresholds", "classes", "image_size", "shard_size",
+RESUME_KEYS = ("input", "tasks", "teachers", "thresholds", "classes", "image_size", "shard_size", "shard_bytes",
                "max_image_pixels", "max_file_bytes", "extensions")
+#: bytes per pixel at the label size a part-file row is assumed to take at most: the image (RGB)
+#: plus up to three per task (a dense label); the basis of ``label.shard_bytes``
+ROW_BYTES_PER_PIXEL = (3, 3)
 STAGES = ("decode_s", "teachers_s", "encode_s", "write_s")
 
 
@@ -71,6 +75,15 @@ def label_image_size(cfg: Config) -> int:
     return int(cfg.label.image_size or cfg.world.image_size)
 
 
+def label_shard_size(cfg: Config, tasks: Optional[list[str]] = None) -> int:
+    """Inputs per shard: ``label.shard_size``, fewer when that many rows would make a part file
+    larger than ``label.shard_bytes`` (estimated at the label size: :data:`ROW_BYTES_PER_PIXEL`)."""
+    s = label_image_size(cfg)
+    n_tasks = len(tasks if tasks is not None else label_tasks(cfg))
+    row_bytes = s * s * (ROW_BYTES_PER_PIXEL[0] + ROW_BYTES_PER_PIXEL[1] * n_tasks)
+    return max(1, min(cfg.label.shard_size, cfg.label.shard_bytes // row_bytes))
+
+
 def label_output(cfg: Config, output: Optional[str] = None) -> str:
     """The output table: ``output``, else ``label.output``, else ``<paths.root>/<paths.labels>``."""
     return output or cfg.label.output or cfg.paths.resolve("labels")
@@ -84,7 +97,7 @@ def decode_memory_bytes(cfg: Config) -> int:
     following actor map when both reserve the same resources): decoding shard k+1 must overlap the
     teachers on shard k, not run inside the actor between them."""
     s = label_image_size(cfg)
-    return int(64 * 2**20 + 4 * cfg.label.shard_size * s * s * 3)
+    return int(64 * 2**20 + 4 * label_shard_size(cfg) * s * s * 3)
 
 
 def _canon(obj: Any) -> str:
@@ -120,10 +133,7 @@ class Pending:
     committed: set[int]
     shards: list[int]
     descriptors: list[dict[str, Any]]
-
-    @property
-    def images(self) -> int:
-        return sum(len(d["image_id"]) for d in self.descriptors)
+    images: int
 
 
 class LabelRun:
@@ -150,7 +160,8 @@ class LabelRun:
             "thresholds": {t: config_to_dict(cfg.tasks[t]) for t in self.tasks if t in cfg.tasks},
             "classes": list(self.classes),
             "image_size": self.image_size,
-            "shard_size": cfg.label.shard_size,
+            "shard_size": label_shard_size(cfg, self.tasks),
+            "shard_bytes": cfg.label.shard_bytes,
             "max_image_pixels": cfg.label.max_image_pixels,
             "max_file_bytes": cfg.label.max_file_bytes,
             "extensions": sorted(e.lower().lstrip(".") for e in cfg.label.extensions),
@@ -165,52 +176,75 @@ class LabelRun:
         self.schema = examples_schema(self.tasks, self.provenance)
         self.prepare_ctx = make_prepare_context(cfg, self.input, self.image_size)
         self.ignored: dict[str, int] = {}
-        self._plan: Optional[pa.Table] = None
+        self._plan: Optional[Plan] = None
 
-    def open(self) -> pa.Table:
-        """Create or resume the output; returns the plan (the same one on every call: the job
-        opens before starting Ray, so listing and table errors come first). Raises ConfigError
-        when the output holds a run with other settings or the input holds nothing to label."""
+    def resuming(self) -> bool:
+        """Whether the output already holds a complete plan (its ``run.json``)."""
+        return not self.cfg.label.overwrite and self.store.read_run() is not None
+
+    def check_input(self) -> None:
+        """The input checks that need no Ray, for a new output: every file of a table input is a
+        usable table (``inputs.table_file_ids``, one file at a time). The job runs it before
+        starting Ray, so a malformed table is a one-line error before anything starts."""
+        if self.input.kind == "table" and not self.resuming():
+            files = parquet_files(self.input.filesystem, self.input.root)
+            if not files:
+                raise ConfigError(f"--input {self.input.uri}: no Parquet files")
+            for path in files:
+                table_file_ids(self.input, path)
+
+    def open(self) -> Plan:
+        """Create or resume the output; returns the plan (the same one on every call), written in
+        pieces by Ray tasks when Ray is connected (here otherwise). Raises ConfigError when the
+        output holds a run with other settings or the input holds nothing to label."""
         if self._plan is None:
             self._plan = self._open()
         return self._plan
 
-    def _open(self) -> pa.Table:
+    def _open(self) -> Plan:
         if self.cfg.label.overwrite:
             self.store.clear()
         previous = self.store.read_run()
-        plan = self.store.read_plan() if previous else None
+        plan = load_plan(self.store) if previous else None
         if previous is not None and plan is not None:
-            diffs = [k for k in RESUME_KEYS if _canon(previous.get(k)) != _canon(self.identity.get(k))]
+            # a key an older must-ray did not record cannot differ (its plan is fixed anyway)
+            diffs = [k for k in RESUME_KEYS
+                     if k in previous and _canon(previous.get(k)) != _canon(self.identity.get(k))]
             if diffs:
                 raise ConfigError(
                     f"label.output {self.output} already holds a labelling run with other settings "
                     f"(differs: {', '.join(diffs)}); resume it with the same settings, choose a new --output, "
                     f"or --set label.overwrite=true to start over")
             self.ignored = dict(previous.get("ignored") or {})
+            self.store.files_per_dir = int(previous.get("files_per_dir") or 0)
             self.store.makedirs()
             return plan
-        listing = list_inputs(self.cfg, self.input)
-        if not listing.image_id:
-            found = ", ".join(f"{n} {kind}" for kind, n in listing.ignored.items())
+        self.store.clear_plan()  # the pieces of a planning run that died before its run.json
+        import ray
+
+        plan, ignored = write_plan(self.store, self.cfg, self.input, label_shard_size(self.cfg, self.tasks),
+                                   remote=ray.is_initialized())
+        if not plan.num_rows:
+            self.store.clear_plan()
+            found = ", ".join(f"{n} {kind}" for kind, n in ignored.items())
             raise ConfigError(f"--input {self.input.uri}: nothing to label (no images"
                               + (f"; found only entries that are not inputs: {found}" if found else "")
                               + "); see label.extensions")
-        plan = plan_table(listing, self.cfg.label.shard_size)
-        self.ignored = listing.ignored
+        self.ignored = ignored
+        per_dir = self.cfg.label.files_per_dir
+        self.store.files_per_dir = per_dir if plan.num_shards > per_dir else 0
         self.store.makedirs()
-        self.store.write_plan(plan)  # plan before run.json: run.json present => plan complete
-        self.store.write_run({**self.identity, "ignored": listing.ignored, "num_inputs": plan.num_rows,
-                              "num_shards": int(plan.column("shard").to_numpy().max()) + 1})
+        # run.json last: present => the plan is complete
+        self.store.write_run({**self.identity, "ignored": ignored, "num_inputs": plan.num_rows,
+                              "num_shards": plan.num_shards, "files_per_dir": self.store.files_per_dir})
         return plan
 
-    def pending(self, plan: pa.Table) -> Pending:
+    def pending(self, plan: Plan) -> Pending:
         """The shards of ``plan`` still to label (stale temp files of a crashed run removed first)."""
         self.store.clean_tmp()
-        num_shards = int(plan.column("shard").to_numpy().max()) + 1
         committed = self.store.committed_shards()
-        shards = [s for s in range(num_shards) if s not in committed]
-        return Pending(num_shards, committed, shards, shard_descriptors(plan, shards))
+        shards = [s for s in range(plan.num_shards) if s not in committed]
+        return Pending(plan.num_shards, committed, shards, plan.descriptors(shards), plan.images(shards))
 
 
 # ----------------------------------------------------------------------------- the Ray Data pipeline
@@ -232,7 +266,7 @@ def build_pipeline(run: LabelRun, descriptors: list[dict[str, Any]]):
         ShardLabeler,
         fn_constructor_kwargs={"cfg_dict": config_to_dict(run.cfg), "specs": specs, "classes": run.classes,
                                "tasks": run.tasks, "image_size": run.image_size, "provenance": run.provenance,
-                               "output": run.output},
+                               "output": run.output, "files_per_dir": run.store.files_per_dir},
         batch_size=1, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=min(lc.actors[0], max_actors), max_size=max_actors),
         num_cpus=lc.num_cpus_per_actor, num_gpus=lc.num_gpus_per_actor or None,
@@ -311,16 +345,6 @@ class Progress:
 # ----------------------------------------------------------------------------- verify + summarise
 
 
-def verify_output(store: OutputStore, plan: pa.Table) -> dict[str, Any]:
-    """Exactly once: one row (written or quarantined) per planned input id (:meth:`OutputStore.verify`),
-    then the temp files and an empty quarantine folder removed. Returns the counts."""
-    counts = store.verify(plan)
-    store.clean_tmp()
-    if not counts["quarantined"]:
-        store.remove_empty_quarantine()
-    return counts
-
-
 def summarise(run: LabelRun, pending: Pending, counts: dict[str, Any], progress: Progress, pipeline_s: float,
               total_s: float) -> dict[str, Any]:
     """The job's summary (also written as ``<output>_manifest/SUCCESS.json``). ``images_per_s`` is
@@ -336,7 +360,8 @@ def summarise(run: LabelRun, pending: Pending, counts: dict[str, Any], progress:
         "inputs": counts["inputs"],
         "rows": counts["rows"],
         "quarantined": counts["quarantined"],
-        "quarantine_reasons": run.store.quarantine_reasons(),
+        "quarantine_reasons": counts["quarantine_reasons"],
+        "exactly_once": counts["exactly_once"],
         "ignored": run.ignored,
         "ignored_files": sum(run.ignored.values()),
         "tasks": run.tasks,
@@ -389,5 +414,5 @@ def run_labeling(cfg: Config, input_uri: Optional[str] = None, output: Optional[
 
 
 __all__ = ["run_labeling", "check_label_paths", "check_output", "LabelRun", "Pending", "RunObserver", "Progress",
-           "build_pipeline", "verify_output", "summarise", "label_tasks", "label_image_size", "label_output",
-           "decode_memory_bytes"]
+           "build_pipeline", "verify_output", "summarise", "label_tasks", "label_image_size", "label_shard_size",
+           "label_output", "decode_memory_bytes"]

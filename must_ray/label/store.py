@@ -6,11 +6,18 @@ or ``**/*.parquet``) reads it as exactly the table; the run's bookkeeping lives 
 
     <output>/part-000000.parquet ...                    the pseudo-label examples table (one file per shard)
     <output>_quarantine/quarantine-000000.parquet ...   inputs that could not be labelled + reasons
-    <output>_manifest/plan.arrow                        every input id -> shard (Arrow IPC; written once,
-                                                        reused on resume)
+    <output>_manifest/plan/piece-000000.arrow ...       every input id -> shard, in pieces (Arrow IPC, one
+    <output>_manifest/plan/index.arrow                  record batch per shard; ``label.plan``: written
+                                                        once, reused on resume)
     <output>_manifest/run.json                          what the run labels with (input, teachers + hashes ...)
     <output>_manifest/SUCCESS.json                      the final summary, after the exactly-once check passed
     <output>_manifest/tmp/                              files being written (emptied at the end)
+
+A plan of more than ``label.files_per_dir`` shards spreads the part and quarantine files over
+sub-directories of ``files_per_dir`` shards each (``<output>/0000/part-000000.parquet``,
+``<output>/0001/part-010000.parquet`` ...), so no directory holds more than ``files_per_dir``
+files and the resume check lists one small directory at a time; a smaller plan keeps the flat
+layout above. The choice is recorded in ``run.json`` (``files_per_dir``; absent = flat).
 
 An output written by an older must-ray (``<output>/_manifest/plan.parquet``, ``<output>/_SUCCESS.json``,
 ``_tmp/`` folders inside the tables) is moved to this layout the first time a run opens it
@@ -29,8 +36,8 @@ final name: an upload becomes visible only once complete). Why that is exactly o
 * a run labels only shards without ``part-S``; re-labelling a shard (a retried task, a resumed run,
   a zombie worker of a killed run) rewrites the *same two names* with the same rows, so an id can
   never be in two files; it can only be rewritten in place;
-* :meth:`OutputStore.verify` checks it anyway at the end: ids of all part and quarantine files ==
-  the plan's ids, no duplicates, the two sets disjoint.
+* ``label.verify`` checks it anyway at the end, shard by shard in Ray tasks: ids of each part and
+  quarantine file == its shard's planned ids, no duplicates, the two sets disjoint.
 """
 from __future__ import annotations
 
@@ -38,7 +45,6 @@ import json
 import os
 import re
 import uuid
-from collections import Counter
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -46,8 +52,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from must_ray.label.inputs import filesystem_for
+from must_ray.label.paths import hidden_name
 
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
+QUARANTINE_RE = re.compile(r"^quarantine-(\d+)\.parquet$")
 QUARANTINE_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("path", pa.string()),  # file path / table file ("" for rendered world scenes)
@@ -62,8 +70,9 @@ QUARANTINE_SCHEMA = pa.schema([
 class OutputStore:
     """File operations on one labelling output (picklable: actors commit their own shards)."""
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, files_per_dir: int = 0):
         self.output = output
+        self.files_per_dir = files_per_dir  # > 0: part files in sub-directories of this many shards
         self.fs, self.root, _ = filesystem_for(output)
         self.local = self.fs.type_name == "local"
         self.object_store = self.fs.type_name in ("s3", "gcs")
@@ -80,6 +89,17 @@ class OutputStore:
     def quarantine_name(shard: int) -> str:
         return f"quarantine-{shard:06d}.parquet"
 
+    def _subdir(self, shard: int) -> str:
+        return f"{shard // self.files_per_dir:04d}/" if self.files_per_dir else ""
+
+    def part_path(self, shard: int) -> str:
+        """Where shard ``shard``'s part file lives (flat, or in its sub-directory)."""
+        return self.path(self._subdir(shard) + self.part_name(shard))
+
+    def quarantine_path(self, shard: int) -> str:
+        """Where shard ``shard``'s quarantine file lives (beside the table, same sub-directory rule)."""
+        return f"{self.quarantine_dir}/{self._subdir(shard)}{self.quarantine_name(shard)}"
+
     @property
     def quarantine_dir(self) -> str:
         return self.root.rstrip("/") + "_quarantine"
@@ -94,8 +114,18 @@ class OutputStore:
         return self.root.rstrip("/") + "_manifest"
 
     @property
+    def manifest_uri(self) -> str:
+        return self.output.rstrip("/") + "_manifest"
+
+    @property
     def plan_path(self) -> str:
+        """The plan of the previous layout (one Arrow file; ``label.plan`` converts it to pieces)."""
         return self.manifest_dir + "/plan.arrow"
+
+    @property
+    def plan_dir(self) -> str:
+        """The plan's pieces and index (``label.plan``)."""
+        return self.manifest_dir + "/plan"
 
     @property
     def run_path(self) -> str:
@@ -140,6 +170,14 @@ class OutputStore:
                 write(f)
             self.fs.move(tmp, final)
 
+    def write_ipc(self, final: str, schema: pa.Schema, batches) -> None:
+        """Write the record ``batches`` as one Arrow IPC file ``final``, atomically."""
+        def write(f):
+            with pa.ipc.new_file(f, schema) as writer:
+                for batch in batches:
+                    writer.write_batch(batch)
+        self._write_bytes_atomic(final, write)
+
     def write_table(self, final: str, table: pa.Table) -> None:
         self._write_bytes_atomic(final, lambda f: pq.write_table(table, f))
 
@@ -168,6 +206,11 @@ class OutputStore:
         if not self.quarantine_files() and self._is_dir(self.quarantine_dir):
             self.fs.delete_dir(self.quarantine_dir)
 
+    def clear_plan(self) -> None:
+        """Remove a plan that was never completed (its run.json missing: the planning run died)."""
+        if self._is_dir(self.plan_dir):
+            self.fs.delete_dir(self.plan_dir)
+
     def clean_tmp(self) -> None:
         """Remove temp files left by writers that died (only call while no writer runs)."""
         if self._is_dir(self.tmp_dir):
@@ -175,9 +218,11 @@ class OutputStore:
 
     # ------------------------------------------------------------------ manifest
     def write_plan(self, plan: pa.Table) -> None:
+        """Write a whole plan as one file in the previous layout (``plan_path``; moving an old output)."""
         self._write_bytes_atomic(self.plan_path, lambda f: _write_ipc(plan, f))
 
     def read_plan(self) -> Optional[pa.Table]:
+        """The previous layout's one-file plan (None when there is none)."""
         if not self.exists(self.plan_path):
             return None
         with self.fs.open_input_file(self.plan_path) as f:
@@ -223,79 +268,54 @@ class OutputStore:
         return True
 
     # ------------------------------------------------------------------ shards
-    def committed_shards(self) -> set[int]:
-        """Shards whose ``part-S.parquet`` exists (= committed)."""
-        if not self._is_dir(self.root):
-            return set()
-        out = set()
-        for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=False)):
-            m = PART_RE.match(os.path.basename(info.path))
-            if m and info.type == pafs.FileType.File:
-                out.add(int(m.group(1)))
+    def _shard_files(self, folder: str, pattern: re.Pattern) -> dict[int, str]:
+        """``{shard: path}`` of the files named like ``pattern`` in ``folder`` (and, nested, in its
+        sub-directories: one directory listed at a time, never the whole tree at once)."""
+        if not self._is_dir(folder):
+            return {}
+        folders = [folder]
+        if self.files_per_dir:
+            folders = sorted(i.path for i in self.fs.get_file_info(pafs.FileSelector(folder, recursive=False))
+                             if i.type == pafs.FileType.Directory and not hidden_name(os.path.basename(i.path)))
+        out: dict[int, str] = {}
+        for d in folders:
+            for info in self.fs.get_file_info(pafs.FileSelector(d, recursive=False)):
+                m = pattern.match(os.path.basename(info.path))
+                if m and info.type == pafs.FileType.File:
+                    out[int(m.group(1))] = info.path
         return out
+
+    def committed_shards(self) -> set[int]:
+        """Shards whose part file exists (= committed)."""
+        return set(self._shard_files(self.root, PART_RE))
 
     def commit_shard(self, shard: int, table: pa.Table, quarantine: pa.Table) -> None:
         """The commit protocol of the module docstring: quarantine first, the part file last."""
-        qpath = f"{self.quarantine_dir}/{self.quarantine_name(shard)}"
+        qpath = self.quarantine_path(shard)
         if quarantine.num_rows:
+            if self.files_per_dir:
+                self.fs.create_dir(os.path.dirname(qpath), recursive=True)
             self.write_table(qpath, quarantine)
         else:
             self.delete(qpath)  # a stale one from an uncommitted attempt with other settings
-        self.write_table(self.path(self.part_name(shard)), table)
+        final = self.part_path(shard)
+        if self.files_per_dir:
+            self.fs.create_dir(os.path.dirname(final), recursive=True)
+        self.write_table(final, table)
 
     def part_files(self) -> list[str]:
-        return [self.path(self.part_name(s)) for s in sorted(self.committed_shards())]
+        return [p for _, p in sorted(self._shard_files(self.root, PART_RE).items())]
+
+    def quarantine_shards(self) -> dict[int, str]:
+        """``{shard: quarantine file}`` of the shards with quarantined inputs."""
+        return self._shard_files(self.quarantine_dir, QUARANTINE_RE)
 
     def quarantine_files(self) -> list[str]:
-        if not self._is_dir(self.quarantine_dir):
-            return []
-        infos = self.fs.get_file_info(pafs.FileSelector(self.quarantine_dir, recursive=False))
-        return sorted(i.path for i in infos
-                      if i.path.endswith(".parquet") and os.path.basename(i.path).startswith("quarantine-"))
+        return [p for _, p in sorted(self.quarantine_shards().items())]
 
-    def quarantine_reasons(self) -> dict[str, int]:
-        """How many inputs the quarantine files hold, by reason (sorted by reason)."""
-        c: Counter = Counter()
-        for f in self.quarantine_files():
-            c.update(pq.read_table(f, columns=["reason"], filesystem=self.fs).column("reason").to_pylist())
-        return dict(sorted(c.items()))
-
-    def read_ids(self, files: list[str]) -> list[str]:
-        """The ``image_id`` column of ``files`` (read in parallel, nothing else is read)."""
-        if not files:
-            return []
-        import pyarrow.dataset as pads
-
-        table = pads.dataset(files, format="parquet", filesystem=self.fs).to_table(columns=["image_id"])
-        return table.column("image_id").to_pylist()
-
-    def verify(self, plan: pa.Table) -> dict[str, Any]:
-        """The exactly-once check: the ids in part files and quarantine files are together exactly
-        the plan's ids, each once. Returns the counts; raises RuntimeError naming examples."""
-        expected = plan.column("image_id").to_pylist()
-        written = self.read_ids(self.part_files())
-        quarantined = self.read_ids(self.quarantine_files())
-        problems = []
-        for name, ids in (("written", written), ("quarantined", quarantined)):
-            if len(set(ids)) != len(ids):
-                seen: set[str] = set()
-                dups = [i for i in ids if i in seen or seen.add(i)]
-                problems.append(f"{len(dups)} duplicate {name} ids (e.g. {dups[:3]})")
-        both = set(written) & set(quarantined)
-        if both:
-            problems.append(f"{len(both)} ids both written and quarantined (e.g. {sorted(both)[:3]})")
-        got = set(written) | set(quarantined)
-        want = set(expected)
-        if got - want:
-            problems.append(f"{len(got - want)} ids not in the plan (e.g. {sorted(got - want)[:3]})")
-        if want - got:
-            problems.append(f"{len(want - got)} planned ids missing (e.g. {sorted(want - got)[:3]})")
-        if len(written) + len(quarantined) != len(expected):
-            problems.append(f"rows_written {len(written)} + rows_quarantined {len(quarantined)} "
-                            f"!= inputs {len(expected)}")
-        if problems:
-            raise RuntimeError(f"exactly-once check failed for {self.output}: " + "; ".join(problems))
-        return {"inputs": len(expected), "rows": len(written), "quarantined": len(quarantined)}
+    def read_ids(self, path: str) -> list[str]:
+        """The ``image_id`` column of one part or quarantine file (nothing else is read)."""
+        return pq.read_table(path, columns=["image_id"], filesystem=self.fs).column("image_id").to_pylist()
 
 
 def _write_ipc(table: pa.Table, sink) -> None:
@@ -316,4 +336,4 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-__all__ = ["OutputStore", "QUARANTINE_SCHEMA", "PART_RE"]
+__all__ = ["OutputStore", "QUARANTINE_SCHEMA", "PART_RE", "QUARANTINE_RE"]

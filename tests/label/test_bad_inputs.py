@@ -321,7 +321,7 @@ def test_labelling_a_malformed_folder_accounts_for_every_entry(ray_session, tmp_
     quarantine = pq.read_table(summary["quarantine"])
     run = LabelRun(cfg, str(folder), str(tmp_path / "labels"))
     plan = run.open()
-    expected = quarantine_rows(prepare_shard(shard_descriptors(plan, [0])[0], run.prepare_ctx))
+    expected = quarantine_rows(prepare_shard(plan.descriptors([0])[0], run.prepare_ctx))
     assert quarantine.select(["image_id", "reason", "detail"]).equals(expected.select(["image_id", "reason", "detail"]))
 
 
