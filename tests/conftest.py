@@ -19,6 +19,23 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+PLUGIN_TASK_MODULE = "tests.edges_task"
+
+
+@pytest.fixture
+def sandboxed_registry(monkeypatch):
+    """A plug-in task (tests/edges_task.py) registers into a copy of the task registry, forgotten
+    (with its module) afterwards, so the rest of the session sees the five built-in tasks only."""
+    from must_ray import task_registry
+    from must_ray.tasks import registered_task_names
+
+    registered_task_names()  # the built-in tasks, into the copy
+    monkeypatch.setattr(task_registry, "_REGISTRY", dict(task_registry._REGISTRY))
+    assert PLUGIN_TASK_MODULE not in sys.modules
+    yield
+    sys.modules.pop(PLUGIN_TASK_MODULE, None)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

@@ -23,7 +23,7 @@ from must_ray import __version__
 from must_ray.config import Config, SplitConfig, WorldConfig
 from must_ray.images import encode_png
 from must_ray.io import atomic_path, is_uri, write_atomic
-from must_ray.progress import ProgressLine, current_tag
+from must_ray.progress import ProgressLine, current_tag, progress_tag
 from must_ray.table import TableNotFoundError, examples_schema, non_table_files, rows_to_table, table_files
 from must_ray.tasks import build_tasks
 from must_ray.typed_config import ConfigError, config_to_dict
@@ -187,9 +187,12 @@ def write_split(cfg: Config, name: str, out_dir: str, num: Optional[int] = None,
     )
     line = ProgressLine(f"{current_tag('world')} {name}", split.num, "rows")
     done = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        done += int(batch["rows"].sum())
-        line.update(done)
+    with progress_tag(current_tag("world"), ray_data=False):  # this line, not one per file
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            done += int(batch["rows"].sum())
+            if done < split.num:
+                line.update(done)
+    line.done = done
     line.finish()
     if done != split.num:
         raise RuntimeError(f"world split {name}: rendered {done} rows, expected {split.num}")
