@@ -243,7 +243,8 @@ def training_dataset(plan: TrainPlan):
     cached = size <= min(tcfg.input.cache_max_mb * 2**20, store / 4)
     if cached:
         lo_batch = max(1, tcfg.global_batch_size // tcfg.scaling.num_workers[1])
-        dataset = cache_in_object_store(dataset, plan.rows, block_rows=max(lo_batch, 32), seed=tcfg.seed)
+        with progress_tag(current_tag(""), ray_data=False):  # seconds; Ray's row count here is of blocks
+            dataset = cache_in_object_store(dataset, plan.rows, block_rows=max(lo_batch, 32), seed=tcfg.seed)
     return dataset, cached
 
 
