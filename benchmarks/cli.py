@@ -30,7 +30,7 @@ import logging
 import time
 from typing import Any, Optional, Sequence
 
-from benchmarks import doc, flops, label, loader, memory, scale, scaling, train
+from benchmarks import doc, flops, label, loader, memory, precision, scale, scaling, train
 from benchmarks.common import machine_info
 from benchmarks.options import Benchmark, add_options, options_from
 from must_ray.cli import init_ray, job_parser, load_job_config
@@ -38,8 +38,8 @@ from must_ray.config import Config
 from must_ray.typed_config import ConfigError
 
 #: every benchmark, in the order ``all`` runs them
-BENCHMARKS: dict[str, Benchmark] = {m.BENCHMARK.name: m.BENCHMARK for m in (label, train, loader, flops, memory,
-                                                                           scaling, scale)}
+BENCHMARKS: dict[str, Benchmark] = {m.BENCHMARK.name: m.BENCHMARK for m in (label, train, loader, flops, precision,
+                                                                           memory, scaling, scale)}
 NAMES = tuple(BENCHMARKS)
 
 

@@ -6,6 +6,11 @@ for the figure to be reported); the variants show what batch size, memory format
 
 * **Peak**: ``torch.matmul`` of two ``size x size`` fp32 matrices, best of a few seconds of runs,
   with 1 torch thread and with one per core (``2 size^3`` FLOPs per product).
+* **Theoretical peak** (``benchmarks/cpu_peak.py``): 2 FLOPs per FMA x a core's fp32 FMA lanes
+  per cycle (vector width from the CPU flags, FMA units from the microarchitecture, confirmed by
+  an FMA-only kernel) x the clock it runs at (a timed chain of dependent ``imul``), times the
+  threads: every rate is also a fraction of it (``fma_utilisation``), so "close to the limit"
+  means the hardware's limit.
 * **FLOPs of the work**: counted once per workload with ``torch.utils.flop_counter.FlopCounterMode``
   (convolutions and matmuls, forward and backward; element-wise ops, pooling, post-processing and
   the optimiser count zero, so utilisation is a lower bound of what the cores do).
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from benchmarks.common import check, positive
+from benchmarks.cpu_peak import fma_peak
 from benchmarks.options import Benchmark, at_least, option
 from must_ray.config import Config
 from must_ray.typed_config import ConfigError
@@ -86,10 +92,12 @@ def _variant(name: str, flops: int, images: int, seconds: tuple[float, float], t
     wall, cpu = seconds
     gflops = flops / wall / 1e9
     cpu = max(cpu, 1e-9)
+    fma = peaks.get("fma")
     return {"name": name, "threads": threads, "batch": images, **extra, "images_per_s": round(images / wall, 2),
             "images_per_cpu_s": round(images / cpu, 2), "gflops": round(gflops, 2),
             "utilisation": round(gflops / peaks["wall"][threads], 4),
-            "cpu_utilisation": round(flops / cpu / 1e9 / peaks["cpu"], 4)}
+            "cpu_utilisation": round(flops / cpu / 1e9 / peaks["cpu"], 4),
+            "fma_utilisation": round(gflops / (fma * threads), 4) if fma else None}
 
 
 def world_images(cfg: Config, num: int, size: int):
@@ -294,7 +302,8 @@ def benchmark_flops(cfg: Config, options: FlopsOptions = FlopsOptions()) -> dict
     load_before = os.getloadavg()[0]
     try:
         measured = {t: matmul_peak(t, matmul_size) for t in threads}
-        peaks = {"wall": {t: m[0] for t, m in measured.items()}, "cpu": measured[1][1]}
+        theory = fma_peak()
+        peaks = {"wall": {t: m[0] for t, m in measured.items()}, "cpu": measured[1][1], "fma": theory["gflops_per_core"]}
         teacher = teacher_variants(cfg, teacher_batches, threads, peaks, reps, options.compile)
         torch.set_num_threads(before)
         student = student_variants(cfg, student_batches, threads, peaks, reps, workdir)
@@ -302,11 +311,18 @@ def benchmark_flops(cfg: Config, options: FlopsOptions = FlopsOptions()) -> dict
         return {
             "benchmark": "flops", "cores": cores, "matmul_size": matmul_size, "reps": reps,
             "peak_gflops": {str(t): p for t, p in peaks["wall"].items()},
-            "peak_gflops_per_cpu_s": peaks["cpu"],
-            **{f"{k}_{f}": v[f] for k, v in first.items() for f in ("gflops", "utilisation", "cpu_utilisation")},
+            "peak_gflops_per_cpu_s": peaks["cpu"], "fma_peak": theory,
+            "matmul_fma_utilisation": (round(peaks["cpu"] / theory["gflops_per_core"], 4)
+                                       if theory["gflops_per_core"] else None),
+            **{f"{k}_{f}": v[f] for k, v in first.items()
+               for f in ("gflops", "utilisation", "cpu_utilisation", "fma_utilisation")},
             "checks": [c for k, v in first.items() for c in (
                 check(f"{k} {v['name']}: fraction of the matmul peak (wall time)", v["utilisation"]),
-                check(f"{k} {v['name']}: fraction of a core's matmul peak per CPU-second", v["cpu_utilisation"]))],
+                check(f"{k} {v['name']}: fraction of a core's matmul peak per CPU-second", v["cpu_utilisation"]),
+                check(f"{k} {v['name']}: fraction of the cores' theoretical FMA peak", v["fma_utilisation"]))
+                if c["value"] is not None]
+            + ([check("fp32 matmul, one core: fraction of its theoretical FMA peak (per CPU-second)",
+                      round(peaks["cpu"] / theory["gflops_per_core"], 4))] if theory["gflops_per_core"] else []),
             "teacher": teacher, "student": student,
             "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2),
         }

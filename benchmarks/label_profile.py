@@ -20,6 +20,8 @@ class LabelProfile(RunObserver):
         self.peak_rss: dict[int, float] = {}  # pid -> the actor's peak RSS (MiB) at its last commit
         self.cpu_s = 0.0  # CPU seconds the actor processes spent on the shards (teachers, encoding, commit)
         self.decoded_in_actor = 0
+        self.rows: dict[int, int] = {}  # pid -> images (rows and quarantined) its shards held
+        self.last_commit: dict[int, float] = {}  # pid -> epoch second of its last commit
 
     def pipeline_started(self, epoch_s: float) -> None:
         self.started_at = epoch_s
@@ -31,6 +33,17 @@ class LabelProfile(RunObserver):
         self.peak_rss[pid] = max(self.peak_rss.get(pid, 0.0), report["peak_rss_mb"])
         self.cpu_s += report["cpu_s"]
         self.decoded_in_actor += int(report["decoded_here"])
+        self.rows[pid] = self.rows.get(pid, 0) + report["rows"] + report["quarantined"]
+        self.last_commit[pid] = max(self.last_commit.get(pid, 0.0), report["committed_at"])
+
+    def pool_rate(self) -> Optional[float]:
+        """The pool's images/s at full strength: each actor's images over its own window (ready to
+        last commit), summed. Unlike the run's steady rate (from the *first* actor being ready), it
+        does not count the later actors' start-up against the pool, which a long run amortises."""
+        windows = {pid: self.last_commit[pid] - ready for pid, (ready, _) in self.actors.items()}
+        if not windows or min(windows.values()) <= 0:
+            return None
+        return round(sum(self.rows[pid] / w for pid, w in windows.items()), 2)
 
     def figures(self) -> dict[str, Any]:
         """The run's benchmark figures (None where no shard was labelled)."""
@@ -46,6 +59,9 @@ class LabelProfile(RunObserver):
             "shards_decoded_in_actor": self.decoded_in_actor,  # 0: decode ran in its own tasks, overlapped
             "actor_peak_rss_mb": max(self.peak_rss.values()) if self.peak_rss else None,  # the largest actor's
             "actor_cpu_s": round(self.cpu_s, 2),  # vs pipeline_s x actors: CPU the actors got (contention shows here)
+            "pool_images_per_s": self.pool_rate(),
+            "actor_ready_spread_s": round(max(r for r, _ in self.actors.values()) - first_ready, 2)
+            if self.actors else None,  # the last actor's start-up after the first's
         }
 
     def _timeline(self, t0: float) -> Optional[dict[str, float]]:

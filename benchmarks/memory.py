@@ -34,7 +34,8 @@ def labeling_run(cfg: Config, image_dir: str, out_dir: str) -> dict[str, Any]:
     OutputStore(out_dir).clear()  # the table, its quarantine and its manifest: a fresh run
     s = profiled_labeling(cfg, image_dir, out_dir)
     keys = ("inputs", "rows", "quarantined", "shards", "actors_used", "end_to_end_images_per_s", "steady_images_per_s",
-            "pipeline_s", "actor_start_s", "actor_peak_rss_mb", "actor_cpu_s", "stage_s", "shards_decoded_in_actor")
+            "pipeline_s", "actor_start_s", "actor_peak_rss_mb", "actor_cpu_s", "stage_s", "shards_decoded_in_actor",
+            "pool_images_per_s", "actor_ready_spread_s")
     return {k: s[k] for k in keys}
 
 

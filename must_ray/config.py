@@ -175,7 +175,11 @@ class InputConfig:
     augment: bool = True  # random resized crop + flip, applied to the image and every label
     crop_scale_min: float = 0.6  # random crop keeps at least this fraction of the image area
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0 = off)
-    prefetch_batches: int = 2  # batches decoded/collated ahead in Ray Data's thread pool
+    prefetch_batches: int = 2  # batches fetched (and with collate=prefetch, collated) ahead by Ray Data's threads
+    # where each batch is decoded and augmented: "prefetch" in Ray Data's background threads
+    # (overlapped with the step), "step" in the training thread (no thread competing with torch's
+    # intra-op threads); auto = step on a CPU worker with more than one torch thread, else prefetch
+    collate: Literal["auto", "step", "prefetch"] = "auto"
     read_cpus: float = 0.25  # logical CPUs each Ray Data read task reserves (fractional: never starved)
     cache_max_mb: int = 1024  # tables up to this size (and 1/4 of the object store) are held in memory across epochs
 
@@ -245,7 +249,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ema_decay: float = 0.0  # EMA of the weights (the export holds them); 0 = off
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on GPU and native-bf16 CPUs, else fp32
     channels_last: bool = True
     input: InputConfig = field(default_factory=InputConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -328,6 +332,7 @@ class LabelConfig:
     actors: list[int] = field(default_factory=lambda: [1, 1])  # ActorPoolStrategy [min_size, max_size]
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # teachers' forward; auto = bf16 on GPU / native-bf16 CPU
     max_image_pixels: int = 50_000_000  # larger images are quarantined (decompression bombs)
     tasks: list[str] = field(default_factory=list)  # tasks to label; [] = every task in label.teachers
     shard_size: int = 256  # images per shard: the unit of one actor call and of one atomic commit

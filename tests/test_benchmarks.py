@@ -14,7 +14,7 @@ from benchmarks.doc import BEGIN, END
 from tests.conftest import REPO
 
 # the label benchmark is exercised by tests/label/test_labeling.py::test_benchmark_label_smoke
-ONLY = ["train", "loader", "flops", "memory", "scaling"]
+ONLY = ["train", "loader", "flops", "precision", "memory", "scaling"]
 
 
 def _job():
@@ -80,6 +80,24 @@ def test_flops_counts_and_utilisation(run):
     assert any("channels_last" in n for n in names) and any("batch 4" in n for n in names)
     for v in r["teacher"]["variants"] + r["student"]["variants"]:
         assert v["images_per_s"] > 0 and 0 < v["utilisation"]
+
+
+def test_precision_rates_agreement_and_auto(run):
+    r = run[0]["results"]["precision"]
+    assert set(r["teacher"]["images_per_s"]) == set(r["student"]["images_per_s"]) == {"fp32", "bf16"}
+    assert all(v > 0 for v in [*r["teacher"]["images_per_s"].values(), *r["student"]["images_per_s"].values()])
+    assert sorted(r["teacher"]["agreement"]) == sorted(r["teacher"]["teachers"])
+    assert r["teacher"]["agreement"]["classification"]["top1"] <= 1.0
+    assert r["auto_resolves_to"] == ("bf16" if r["native_bf16"] else "fp32")
+
+
+def test_flops_reports_the_theoretical_peak_with_its_sources(run):
+    fma = run[0]["results"]["flops"]["fma_peak"]
+    assert fma["vector_bits"] in (128, 256, 512) and fma["fp32_lanes"] == fma["vector_bits"] // 32
+    if fma["clock_ghz"] and fma["fma_units"]:
+        assert fma["gflops_per_core"] == pytest.approx(2 * fma["fp32_lanes"] * fma["fma_units"] * fma["clock_ghz"],
+                                                       abs=0.1)
+        assert 0.3 < fma["clock_ghz"] < 7 and fma["clock_from"] and fma["fma_units_from"]
 
 
 def test_memory_and_scaling_label_every_image(run):

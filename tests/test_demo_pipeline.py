@@ -6,7 +6,8 @@ Data render and label actors, the Ray Train workers and the scoring actors all f
 registry (the session's Ray workers import from the repository root, tests/conftest.py). Asserts
 the report files exist and parse, every built-in teacher and the student beat the trivial
 baselines on the five built-in tasks, the plug-in task went through every step (its own metric,
-its grid columns drawn by its own hook, its transfer probe), and that rerunning does no work."""
+its grid columns drawn by its own hook, its transfer probe), that the trained teachers' bf16 labels
+agree with their fp32 labels, and that rerunning does no work."""
 import io
 import json
 
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from benchmarks.precision import agreement_checks, teacher_precision
 from must_ray.config import load_config
 from must_ray.evaluate.pictures import collect_grid_rows, render_grid
 from must_ray.label.teachers import default_teacher_path
@@ -90,6 +92,13 @@ def test_demo_pipeline_with_a_plugin_task_end_to_end_then_rerun_does_nothing(ray
     assert "edges" in transfer["tasks"] and transfer["columns"]["edges"] == "f1"
     assert {r["backbone"] for r in transfer["rows"]} == {"student", "random", *[f"teacher_{t}" for t in ALL_TASKS]}
     assert all(0.0 <= r["values"]["edges"] <= 1.0 for r in transfer["rows"])
+
+    # bf16 labels of the trained teachers agree with their fp32 labels (what precision: auto relies
+    # on where the CPU has native bf16 units), in each task's own metric
+    bf16 = teacher_precision(cfg, num_images=128, rounds=1)
+    assert sorted(bf16["agreement"]) == sorted(ALL_TASKS)
+    missed = [c for c in agreement_checks(bf16["agreement"]) if not c["met"]]
+    assert len(agreement_checks(bf16["agreement"])) == len(TASKS) and not missed, (missed, bf16["agreement"])
 
     # Done: a rerun does no work (each step finds its outputs; tests/test_pipeline.py covers
     # deleted outputs and crashes with small real step functions).

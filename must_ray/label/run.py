@@ -53,7 +53,7 @@ log = logging.getLogger("must_ray.label.run")
 
 # what must match for a rerun to resume an existing output (anything else may change)
 RESUME_KEYS = ("input", "tasks", "teachers", "thresholds", "classes", "image_size", "shard_size", "shard_bytes",
-               "max_image_pixels", "max_file_bytes", "extensions")
+               "max_image_pixels", "max_file_bytes", "extensions", "precision")
 #: bytes per pixel at the label size a part-file row is assumed to take at most: the image (RGB)
 #: plus up to three per task (a dense label); the basis of ``label.shard_bytes``
 ROW_BYTES_PER_PIXEL = (3, 3)
@@ -165,6 +165,7 @@ class LabelRun:
             "max_image_pixels": cfg.label.max_image_pixels,
             "max_file_bytes": cfg.label.max_file_bytes,
             "extensions": sorted(e.lower().lstrip(".") for e in cfg.label.extensions),
+            "precision": cfg.label.precision,  # the setting; auto resolves on each actor's device
         }
         self.provenance = {
             "kind": "pseudo_labels",

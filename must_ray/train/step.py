@@ -11,6 +11,7 @@ from torch import nn
 
 from must_ray.config import Config, TrainConfig
 from must_ray.models import MultiTaskModel, images_to_tensor
+from must_ray.models.precision import to_float32
 from must_ray.tasks import build_tasks
 from must_ray.train.weighting import TaskWeighting
 
@@ -56,6 +57,8 @@ def train_step(raw: TrainModule, wrapped: nn.Module, tasks: dict, images_u8: tor
     images = images_to_tensor(images_u8, device=device, channels_last=channels_last)
     with (autocast() if autocast is not None else nullcontext()):
         outputs = wrapped(images)
+    if autocast is not None:
+        outputs = to_float32(outputs)  # the losses in fp32 after a bf16 forward
     losses = {t: tasks[t].loss(outputs[t], targets[t]) for t in task_names}
     total = raw.weighting(losses, present)
     optimizer.zero_grad(set_to_none=True)

@@ -9,9 +9,10 @@ the function Ray Train runs in every worker, builds a Trainer and calls ``train(
 
 What a step does (docs/training.md): AdamW, linear warm-up + cosine schedule, masked per-task
 losses weighted fixed or by uncertainty, gradient clipping, optional EMA of the weights, bf16
-autocast and channels_last on GPU. A task with no labelled row in the *global* batch is not
-touched: its head runs in eval mode, its loss is a zero connected to the graph (DDP sees every
-parameter used) and its gradients are dropped, so AdamW skips it entirely.
+autocast (``precision``; by default on GPU and on CPUs with native bf16) and channels_last. A task
+with no labelled row in the *global* batch is not touched: its head runs in eval mode, its loss is
+a zero connected to the graph (DDP sees every parameter used) and its gradients are dropped, so
+AdamW skips it entirely.
 
 ``RunSpec.step_hooks`` are callables ``hook(trainer)`` run on every rank after each step (after
 that step's report and checkpoint); the tests use one to kill a worker mid-run (tests/faults.py).
@@ -34,6 +35,7 @@ from torch import nn
 from must_ray.config import config_from_dict
 from must_ray.io import MODEL_FILE
 from must_ray.models import load_matching_weights, save_model
+from must_ray.models.precision import autocast, resolve_precision
 from must_ray.monitoring import TrainMetrics
 from must_ray.train.checkpoint import CHECKPOINT_FORMAT, checkpoint_dir_name, read_checkpoint, write_checkpoint
 from must_ray.train.collate import TrainCollate, batch_to_device, split_batch
@@ -248,16 +250,29 @@ class Trainer:
             # so that the final checkpoint, and with it the exported model, exist for this submission
             self.report(final=True)
 
+    @property
+    def collate_in_step(self) -> bool:
+        """Whether batches are collated in the training thread (``input.collate``; auto: on a CPU
+        worker whose intra-op pool has more than one thread, which a background collate thread
+        would compete with: every parallel region waits for its slowest thread)."""
+        where = self.tcfg.input.collate
+        if where == "auto":
+            return self.device.type == "cpu" and torch.get_num_threads() > 1
+        return where == "step"
+
     def batches(self, shard):
-        """This epoch's batches of the shard: collated (decode, augment, stack) in Ray Data's
-        prefetch threads, shuffled locally with a seed of (run seed, epoch, rank)."""
+        """This epoch's batches of the shard, shuffled locally with a seed of (run seed, epoch,
+        rank) and collated (decode, augment, stack) in Ray Data's prefetch threads or in this
+        thread (:attr:`collate_in_step`)."""
         inp, seed = self.tcfg.input, self.tcfg.seed
         collate = TrainCollate(self.task_names, len(self.classes), self.cfg.tasks, image_size=self.run.image_size,
                                augment=inp.augment, crop_scale_min=inp.crop_scale_min, seed=seed, epoch=self.epoch)
-        return iter(shard.iter_torch_batches(
-            batch_size=self.per_worker, collate_fn=collate, drop_last=True, prefetch_batches=inp.prefetch_batches,
-            local_shuffle_buffer_size=inp.shuffle_buffer or None,
-            local_shuffle_seed=(seed * 1_000_003 + self.epoch * 1009 + self.rank) % 2**31, device="cpu"))
+        options = dict(batch_size=self.per_worker, drop_last=True, prefetch_batches=inp.prefetch_batches,
+                       local_shuffle_buffer_size=inp.shuffle_buffer or None,
+                       local_shuffle_seed=(seed * 1_000_003 + self.epoch * 1009 + self.rank) % 2**31)
+        if self.collate_in_step:
+            return (collate(batch) for batch in shard.iter_batches(batch_format="pyarrow", **options))
+        return iter(shard.iter_torch_batches(collate_fn=collate, device="cpu", **options))
 
     def train_epoch(self, shard) -> None:
         """Steps until the epoch (or the run) ends; every rank stops together when any rank's
@@ -302,10 +317,9 @@ class Trainer:
         return values.cpu()
 
     def autocast(self):
-        """bf16 autocast on GPU (no GradScaler needed); fp32 on CPU."""
-        if self.device.type == "cuda" and self.tcfg.precision in ("auto", "bf16"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        """The forward's precision context: ``precision`` resolved on this worker's device (bf16
+        autocast needs no GradScaler)."""
+        return autocast(resolve_precision(self.tcfg.precision, self.device), self.device)
 
     def train_step(self, batch: dict, local: Optional[torch.Tensor] = None,
                    counts: Optional[torch.Tensor] = None) -> None:

@@ -353,7 +353,8 @@ def test_listing_globs_uris_and_ids(world_files, tmp_path):
 
 
 def test_benchmark_label_smoke(ray_session, demo_config, tmp_path):
-    """jobs/benchmark.py label's function: both sides label the same images; ratios reported."""
+    """jobs/benchmark.py label's function: all three contestants (the job, the plain loop, the
+    plain Ray Data idiom) label the same images into the same columns; ratios reported."""
     from benchmarks.label import LabelOptions, benchmark_label
 
     cfg = _cfg(tmp_path, "label.shard_size=8")  # no teacher files under paths.root: random teachers
@@ -361,4 +362,9 @@ def test_benchmark_label_smoke(ray_session, demo_config, tmp_path):
     assert result["teachers"] == {t: "random" for t in TASKS}
     assert result["plain"]["1"][0]["rows"] == result["ray"][0]["rows"] == 16
     assert result["ratio"] > 0 and result["steady_ratio"] > 0 and result["ray"][0]["shards_decoded_in_actor"] == 0
+    (idiom,) = result["idiom"]
+    assert idiom["rows"] == 16 and result["ratio_vs_idiom"] > 0
+    idiom_table = pq.read_table(tmp_path / "bench" / "idiom_labels")
+    ours = pq.read_table(tmp_path / "bench" / "ray_labels")
+    assert set(idiom_table.column_names) == set(ours.column_names)
     json.dumps(result)

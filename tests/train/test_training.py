@@ -10,7 +10,9 @@ pipeline's end-to-end test, tests/test_demo_pipeline.py, on the pipeline's real 
 * re-submitting a run with the same name resumes it, from the checkpoint Ray Train registered (an
   orphan's unregistered checkpoint is removed, not reported);
 * a Trainer rebuilt from a checkpoint's state continues bit for bit (step, EMA, optimiser);
-* one config and seed give one data order (the batches a worker trains on);
+* one config and seed give one data order (the batches a worker trains on), collated in the step's
+  thread or in Ray Data's prefetch threads;
+* bf16 precision on a CPU runs the forward in bf16 and trains fp32 weights;
 * the EMA (timm's ModelEmaV3, configured) follows the warm-up formula exactly;
 * an elastic group (1, 2) completes on two CPUs; the teacher job's CLI ends with its summary line.
 """
@@ -210,10 +212,11 @@ def test_one_seed_gives_one_data_order(ray_session, tmp_path, small_table):
     table.mkdir()
     for i in range(4):
         pq.write_table(rows.slice(32 * i, 32), table / f"part-{i}.parquet")
-    cfg = make_cfg(tmp_path, keys={"global_batch_size": 16, "input.shuffle_buffer": 48, "seed": 3})
-    plan = plan_run(cfg, "teacher", [str(table)], ["depth"], str(tmp_path / "out"), None)
 
-    def epochs() -> list[torch.Tensor]:
+    def epochs(collate: str = "auto") -> list[torch.Tensor]:
+        cfg = make_cfg(tmp_path, keys={"global_batch_size": 16, "input.shuffle_buffer": 48, "seed": 3,
+                                       "input.collate": collate})
+        plan = plan_run(cfg, "teacher", [str(table)], ["depth"], str(tmp_path / "out"), None)
         dataset, cached = training_dataset(plan)
         assert cached
         dataset.context.execution_options = ingest_options()  # what Ray Train's DataConfig does with them
@@ -231,6 +234,9 @@ def test_one_seed_gives_one_data_order(ray_session, tmp_path, small_table):
     assert [len(e) for e in first] == [128] * 2
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert not torch.equal(first[0], first[1]), "every epoch should be a new order"
+    # collated in the training thread or in Ray Data's prefetch threads: the same batches
+    for where in ("step", "prefetch"):
+        assert all(torch.equal(a, b) for a, b in zip(first, epochs(where))), where
 
 
 def test_lr_schedule_is_warmup_then_cosine():
@@ -286,6 +292,36 @@ def test_restored_trainer_continues_bit_for_bit(tmp_path):
     moments = [(s["exp_avg"], r["exp_avg"]) for s, r in zip(going.optimizer.state.values(),
                                                              restored.optimizer.state.values())]
     assert moments and all(torch.equal(a, b) for a, b in moments)
+
+
+def test_bf16_precision_on_cpu_runs_the_forward_in_bf16_and_keeps_fp32_weights(tmp_path):
+    """``student.precision: bf16`` on a CPU worker: the backbone's convolutions run in bf16 under
+    autocast, the weights stay fp32 and train (finite losses, weights move); fp32 runs them in fp32."""
+    names = ["segmentation", "depth"]
+    seen = {}
+    for precision in ("bf16", "fp32"):
+        cfg = make_cfg(tmp_path, "student", {"schedule.max_steps": 4, "global_batch_size": 8,
+                                             "precision": precision})
+        table = world_table(cfg, "test", tmp_path / precision, 16, tasks=names)
+        classes = table_classes([table])
+        trainer = Trainer(RunSpec(config=config_to_dict(cfg), role="student", tasks=names, classes=classes,
+                                  num_rows=16, image_size=32, run_name=precision, data=[table],
+                                  experiment_dir=str(tmp_path / f"run-{precision}")))
+        trainer.build()
+        conv = next(m for m in trainer.module.model.modules() if isinstance(m, torch.nn.Conv2d))
+        dtypes = []
+        conv.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+        before = {k: v.clone() for k, v in trainer.module.model.state_dict().items()}
+        rows = conform(pq.read_table(table), names)
+        collate = TrainCollate(names, len(classes), cfg.tasks, image_size=32, seed=0)
+        for i in range(2):
+            trainer.train_step(collate(rows.slice(8 * i, 8)))
+        after = trainer.module.model.state_dict()
+        assert conv.weight.dtype == torch.float32 and all(v.dtype == before[k].dtype for k, v in after.items())
+        assert any(not torch.equal(before[k], v) for k, v in after.items() if v.is_floating_point())
+        assert all(np.isfinite(x) for x in trainer.window.stats().tolist())
+        seen[precision] = set(dtypes)
+    assert seen == {"bf16": {torch.bfloat16}, "fp32": {torch.float32}}
 
 
 def test_ema_is_timm_model_ema_with_the_usual_warmup():

@@ -44,6 +44,7 @@ from must_ray.label.teachers.base import (
     teacher_kind_names,
 )
 from must_ray.label.teachers.weights import WeightsFiles
+from must_ray.models.precision import resolve_precision
 from must_ray.typed_config import ConfigError
 from must_ray.world import CATEGORIES
 
@@ -98,13 +99,16 @@ def build_teacher(spec: TeacherSpec, cfg: Config, classes: Sequence[str], image_
 
 
 class TeacherSet:
-    """All teachers of a labelling run, built once per actor (or once by the plain loop).
-    :meth:`predict` runs every teacher on the same decoded batch."""
+    """All teachers of a labelling run, built once per actor (or once by the plain loop), at
+    ``label.precision`` on their device. :meth:`predict` runs every teacher on the same decoded batch."""
 
     def __init__(self, specs: Sequence[TeacherSpec], cfg: Config, classes: Sequence[str], image_size: int,
                  device: str | torch.device = "cpu"):
         self.device = torch.device(device)
+        self.precision = resolve_precision(cfg.label.precision, self.device)
         self.teachers = [build_teacher(s, cfg, classes, image_size, self.device) for s in specs]
+        for teacher in self.teachers:
+            teacher.precision = self.precision
         self.tasks = [t for teacher in self.teachers for t in teacher.tasks]
 
     def predict(self, images: np.ndarray, timings: Optional[dict[str, float]] = None) -> dict[str, list[Any]]:

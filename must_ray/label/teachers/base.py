@@ -12,7 +12,7 @@ import importlib
 import os
 import pkgutil
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
 
 from must_ray.config import Config, TeacherConfig
 from must_ray.io import MODEL_FILE
@@ -55,13 +55,23 @@ class TeacherSpec:
 
 
 class Teacher:
-    """Runtime teacher: ``predict(images uint8 (B, S, S, 3) tensor on the device)`` -> ``{task: labels}``."""
+    """Runtime teacher: ``predict(images uint8 (B, S, S, 3) tensor on the device)`` -> ``{task: labels}``.
+    A kind calls its network through :meth:`forward`, so ``label.precision`` applies to every kind."""
 
     name: str = ""
     tasks: list[str] = []
+    precision: str = "fp32"  # the resolved label.precision (fp32 | bf16); TeacherSet sets it
 
     def predict(self, images: torch.Tensor) -> dict[str, list[Any]]:
         raise NotImplementedError
+
+    def forward(self, model: Callable[..., Any], x: Any, device: torch.device, **kwargs: Any) -> Any:
+        """``model(x, **kwargs)`` at this teacher's precision (bf16 autocast or fp32), floating
+        outputs in fp32 so that post-processing (thresholds, NMS, arg-max) is the same code."""
+        from must_ray.models.precision import autocast, to_float32
+
+        with autocast(self.precision, device):
+            return to_float32(model(x, **kwargs))
 
 
 class TeacherKind:

@@ -49,7 +49,7 @@ class MustTeacher(Teacher):
         x = resample(images_to_tensor(images, images.device), self.input_size)  # the training preprocessing
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.model(x, tasks=self.tasks)
+        out = self.forward(self.model, x, images.device, tasks=self.tasks)
         return {t: self.task_objs[t].predict(out[t], size) for t in self.tasks}
 
 

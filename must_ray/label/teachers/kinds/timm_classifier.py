@@ -34,7 +34,7 @@ class TimmClassifierTeacher(Teacher):
 
     def predict(self, images: torch.Tensor) -> dict[str, list[Any]]:
         x = resample(normalise(images, self.mean, self.std), self.input_size)
-        logits = self.model(x).float()
+        logits = self.forward(self.model, x, images.device)
         probs = F.softmax(logits / self.task.cfg.temperature, dim=1).cpu() @ self.agg  # (B, C) mapped mass
         k = min(int(self.task.cfg.topk), probs.shape[1])
         top_p, top_i = probs.topk(k, dim=1, largest=True, sorted=True)

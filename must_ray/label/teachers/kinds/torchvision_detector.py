@@ -31,7 +31,7 @@ class TorchvisionDetectorTeacher(Teacher):
 
         x = resample(images.permute(0, 3, 1, 2).float().div_(255.0), self.input_size)
         h, w = x.shape[-2:]
-        outputs = self.model(list(x))
+        outputs = self.forward(self.model, list(x), images.device)
         cfg = self.task.cfg
         labels = []
         for out in outputs:

@@ -34,7 +34,7 @@ class TorchvisionSegmenterTeacher(Teacher):
     def predict(self, images: torch.Tensor) -> dict[str, list[Any]]:
         size = tuple(images.shape[1:3])
         x = resample(normalise(images, IMAGENET_MEAN, IMAGENET_STD), self.input_size)
-        logits = self.model(x)["out"].float()
+        logits = self.forward(self.model, x, images.device)["out"]
         if tuple(logits.shape[-2:]) != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         probs = torch.einsum("bkhw,kc->bchw", F.softmax(logits, dim=1), self.agg.to(logits.device)).cpu()
