@@ -142,10 +142,11 @@ def test_scale_plans_describes_and_verifies_in_fresh_drivers(ray_session, demo_c
     from benchmarks.scale import ScaleOptions, benchmark_scale
     from must_ray.config import load_config
 
-    cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml", [f"paths.root={tmp_path}"])
+    cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml", [f"paths.root={tmp_path}", "label.plan_piece_rows=2000"])
     r = benchmark_scale(cfg, ScaleOptions(ids=[6000], images=[0], shard_size=500, workdir=str(tmp_path / "w")))
     assert [(p["ids"], p["rows"], p["shards"], p["descriptors"]) for p in r["plans"]] == [(6000, 6000, 12, 12)]
-    assert all(p["rss_peak_mb"] >= p["rss_plan_mb"] > 0 and p["plan_s"] > 0 and p["verify_tasks"] >= 1
+    # three plan pieces of 2000 ids: one verify task each (a one-piece plan is checked in the driver)
+    assert all(p["rss_peak_mb"] >= p["rss_plan_mb"] > 0 and p["plan_s"] > 0 and p["verify_tasks"] == 3
                for p in r["plans"])
     assert r["labelling"] == [] and len(r["checks"]) == 2 and all(math.isfinite(c["value"]) for c in r["checks"])
     json.dumps(r)
