@@ -126,8 +126,8 @@ def _scale(r: dict) -> list[str]:
 
 
 DETAILS: dict[str, Callable[[dict], list[str]]] = {"label": _label, "train": _train, "loader": _loader,
-                                                   "flops": _flops, "precision": _precision, "memory": _memory, "scaling": _scaling,
-                                                   "scale": _scale}
+                                                   "flops": _flops, "precision": _precision, "memory": _memory,
+                                                   "scaling": _scaling, "scale": _scale}
 
 
 def render(results: dict[str, dict[str, Any]], machine: dict[str, Any]) -> str:

@@ -303,7 +303,8 @@ def benchmark_flops(cfg: Config, options: FlopsOptions = FlopsOptions()) -> dict
     try:
         measured = {t: matmul_peak(t, matmul_size) for t in threads}
         theory = fma_peak()
-        peaks = {"wall": {t: m[0] for t, m in measured.items()}, "cpu": measured[1][1], "fma": theory["gflops_per_core"]}
+        peaks = {"wall": {t: m[0] for t, m in measured.items()}, "cpu": measured[1][1],
+                 "fma": theory["gflops_per_core"]}
         teacher = teacher_variants(cfg, teacher_batches, threads, peaks, reps, options.compile)
         torch.set_num_threads(before)
         student = student_variants(cfg, student_batches, threads, peaks, reps, workdir)

@@ -302,7 +302,8 @@ def _plain_main(spec: dict) -> dict[str, Any]:
     return plain_loop(cfg, files, spec["out"], int(spec["threads"]))
 
 
-BENCHMARK = Benchmark("label", "labelling: Ray Data job vs plain PyTorch loop and the plain Ray Data idiom", benchmark_label, LabelOptions,
+BENCHMARK = Benchmark("label", "labelling: Ray Data job vs plain PyTorch loop and the plain Ray Data idiom",
+                      benchmark_label, LabelOptions,
                       smoke=("--num", "16", "--threads", "1", "--repeats", "1"))
 
 __all__ = ["BENCHMARK", "LabelOptions", "benchmark_label", "plain_loop", "ray_job", "run_plain_subprocess", "usable_teachers", "write_benchmark_images"]

@@ -17,7 +17,8 @@ The figure is the pool's steady rate at full strength (``pool_images_per_s`` of
 its last commit, summed over the actors. Actor start-up is excluded, the second actor's too (on
 2 cores it comes up 1-2 s after the first, which a pool of millions of images amortises); the
 run summary's steady rate, from the *first* actor being ready, and end-to-end images/s are
-reported too (``speedup_from_first_ready``, ``speedup_end_to_end``). Rounds alternate the order (1, 2, 2, 1 ...); medians.
+reported too (``speedup_from_first_ready``, ``speedup_end_to_end``). Rounds alternate the order
+(1, 2, 2, 1 ...); medians.
 ``actor_cpu_ms_per_image``: CPU time the teacher actors used per image (``process_time`` per
 shard); the same for both pool sizes means a second actor adds no work, so a speedup short of the
 target is CPU the actors did not get.
@@ -143,7 +144,7 @@ def benchmark_scaling(cfg: Config, options: ScalingOptions = ScalingOptions()) -
                 run_cfg = with_overrides(cfg, label={"actors": [a, a]})
                 runs[str(a)].append(labeling_run(run_cfg, image_dir, os.path.join(workdir, f"labels_{a}")))
         capacity.append(parallel_capacity(sizes[-1], per_actor, probe_seconds))
-        ceiling = round(min(float(sizes[-1]) / sizes[0], sum(capacity) / len(capacity)), 3)  # above N: noise
+        ceiling = round(min(float(sizes[-1]), sum(capacity) / len(capacity)), 3)  # above N workers: noise
         steady = {a: median(x["pool_images_per_s"] for x in rs) for a, rs in runs.items()}
         first_ready = {a: median(x["steady_images_per_s"] for x in rs) for a, rs in runs.items()}
         e2e = {a: median(x["end_to_end_images_per_s"] for x in rs) for a, rs in runs.items()}

@@ -327,7 +327,8 @@ def table_task_names(table: str) -> list[str]:
 
 
 BENCHMARK = Benchmark("train", "student training: Ray Train vs plain PyTorch loop, steps/s", benchmark_train,
-                      TrainOptions, smoke=("--warmup", "1", "--steps", "2", "--ray", "1x2", "--threads", "1", "--repeats", "1"),
+                      TrainOptions,
+                      smoke=("--warmup", "1", "--steps", "2", "--ray", "1x2", "--threads", "1", "--repeats", "1"),
                       description="Steady-state student steps/s and images/s: Ray Train (must_ray.train.driver.train) "
                                   "vs a plain PyTorch loop running the trainer's own step on the same table. "
                                   "Model, batch and optimiser: the config's student section.")

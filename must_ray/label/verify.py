@@ -75,9 +75,10 @@ def check_shards(store: OutputStore, piece: str, shards: list[tuple[int, int]]) 
 
 def verify_output(store: OutputStore, plan: Plan, remote: bool = True) -> dict[str, Any]:
     """Exactly once, checked shard by shard (Ray tasks, one per plan piece, when ``remote`` and
-    the plan has more than one piece); then the temp files and an empty quarantine folder removed. Returns ``inputs``, ``rows``, ``quarantined``,
-    ``quarantine_reasons`` and ``exactly_once`` (what was checked, by how many tasks, in how many
-    seconds); raises RuntimeError naming examples when the check fails."""
+    the plan has more than one piece); then the temp files and an empty quarantine folder removed.
+    Returns ``inputs``, ``rows``, ``quarantined``, ``quarantine_reasons`` and ``exactly_once``
+    (what was checked, by how many tasks, in how many seconds); raises RuntimeError naming
+    examples when the check fails."""
     t0 = time.perf_counter()
     groups = plan.by_piece()
     # one piece (at most label.plan_piece_rows ids) is checked here: a lone task adds a worker's

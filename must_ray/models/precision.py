@@ -4,9 +4,10 @@
 ``label.precision`` (teacher inference) and ``student.precision`` / ``teacher.precision`` (training)
 take ``fp32 | bf16 | auto``. ``auto`` is bf16 on a GPU and on a CPU with native bf16 units
 (AVX512-BF16 or AMX-BF16), fp32 on any other CPU: there oneDNN emulates bf16 with fp32 FMAs plus
-conversions, which is no faster (``jobs/benchmark.py precision`` measures both, and how far bf16
-labels are from fp32 labels in each task's own metric; ``docs/benchmarks.md``). Autocast keeps the
-weights, the optimiser and the losses' reductions in fp32, so bf16 needs no loss scaling.
+conversions, which is slower (0.4x fp32 on a Xeon without them; ``jobs/benchmark.py precision``
+measures both, and how far bf16 labels are from fp32 labels in each task's own metric;
+``docs/benchmarks.md``). Autocast keeps the weights, the optimiser and the losses' reductions in
+fp32, so bf16 needs no loss scaling.
 """
 from __future__ import annotations
 
