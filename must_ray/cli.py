@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from must_ray.config import Config, load_config
+from must_ray.object_store import check_object_store_locations, worker_env_vars
 from must_ray.progress import progress_tag, show_ray_data_progress
 from must_ray.ray_logs import quiet_ray
 from must_ray.storage import check_cluster_paths, check_job_output_paths, job_output_locations
@@ -111,6 +112,8 @@ def parse_scale(text: str) -> float:
 
 # Flags of the jobs that name an output directly (not through the config).
 OUTPUT_FLAGS = ("out", "image_dir")
+# Flags of the jobs that name input tables directly (not through the config).
+INPUT_FLAGS = ("data", "table")
 
 
 def load_job_config(args: argparse.Namespace, extra_overrides: Sequence[str] = ()) -> Config:
@@ -121,7 +124,11 @@ def load_job_config(args: argparse.Namespace, extra_overrides: Sequence[str] = (
     (:func:`must_ray.storage.check_job_output_paths`). Checked: ``--out``/``--image-dir``,
     ``label.output``, ``*.checkpoint.storage_path``, absolute ``paths.*`` and ``paths.root`` — the latter
     only when the job got no explicit ``--out``/``--output`` (then it writes there instead; the
-    trainers' checkpoint storage defaults to under ``--out`` too)."""
+    trainers' checkpoint storage defaults to under ``--out`` too).
+
+    Every ``s3://`` location among those and the inputs (``--data``, ``--table``, ``label.input``,
+    ``<role>.data``, ``evaluate.data``) is checked next: an endpoint that does not answer, a missing
+    bucket or refused credentials fail here, in seconds (:mod:`must_ray.object_store`)."""
     cfg = load_config(args.config, list(args.overrides) + list(extra_overrides))
     locations = job_output_locations(cfg)
     if any(getattr(args, name, None) for name in ("out", "output")):
@@ -129,7 +136,16 @@ def load_job_config(args: argparse.Namespace, extra_overrides: Sequence[str] = (
     flags = [(f"--{name.replace('_', '-')}", getattr(args, name)) for name in OUTPUT_FLAGS
              if isinstance(getattr(args, name, None), str)]
     check_job_output_paths(locations + flags)
+    check_object_store_locations(locations + flags + job_input_locations(cfg, args))
     return cfg
+
+
+def job_input_locations(cfg: Config, args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """``(key or flag, location or list of them)`` of every input a job may read by name."""
+    flags = [(f"--{name}", getattr(args, name)) for name in INPUT_FLAGS if getattr(args, name, None)]
+    keys = [("label.input", cfg.label.input), ("teacher.data", cfg.teacher.data),
+            ("student.data", cfg.student.data), ("evaluate.data", cfg.evaluate.data)]
+    return flags + [(key, value) for key, value in keys if value]
 
 
 def check_tables_exist(flag: str, tables: Sequence[str], hint: str) -> None:
@@ -139,17 +155,26 @@ def check_tables_exist(flag: str, tables: Sequence[str], hint: str) -> None:
             raise ConfigError(f"{flag}: table not found: {table} ({hint})")
 
 
+_RAY_CONNECTED_HERE = False  # init_ray connected this process (so the job disconnects before its summary)
+
+
 def init_ray(cfg: Config, verbose: bool = False) -> None:
     """Connect to Ray: the configured/ambient cluster (``ray job submit`` sets RAY_ADDRESS), or a
     local instance on a laptop. Ray's own log noise is off unless ``verbose``
-    (:func:`must_ray.ray_logs.quiet_ray`); warnings and errors of every worker still reach the driver."""
+    (:func:`must_ray.ray_logs.quiet_ray`); warnings and errors of every worker still reach the driver.
+    Joining a running cluster, the job's workers get this driver's AWS variables (endpoint,
+    credentials, region: :func:`must_ray.object_store.worker_env_vars`), so they open the same
+    ``s3://`` locations the driver does; a local instance's workers inherit them anyway."""
     import ray
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    runtime_env = quiet_ray(verbose, local=not address)
+    runtime_env = dict(quiet_ray(verbose, local=not address) or {})
     show_ray_data_progress()
     if ray.is_initialized():
         return
+    aws = worker_env_vars() if address else {}
+    if aws:
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **aws}
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if runtime_env:
         kwargs["runtime_env"] = runtime_env
@@ -157,12 +182,23 @@ def init_ray(cfg: Config, verbose: bool = False) -> None:
         ray.init(address=address, **kwargs)
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
+    global _RAY_CONNECTED_HERE
+    _RAY_CONNECTED_HERE = True
 
     check_cluster_paths(cfg)
 
 
 def emit_summary(summary: dict[str, Any]) -> None:
-    """Print the job's one-line JSON summary as the last stdout line."""
+    """Print the job's one-line JSON summary as the last stdout line. Disconnects from Ray first:
+    Ray prints what workers and raylets report (a task retried after a node loss ...) to the
+    driver's stdout from its own threads, which could otherwise land after the summary. (A job
+    run inside a process that was already connected, as the tests do, leaves that connection be.)"""
+    global _RAY_CONNECTED_HERE
+    if _RAY_CONNECTED_HERE:
+        import ray
+
+        ray.shutdown()
+        _RAY_CONNECTED_HERE = False
     sys.stdout.flush()
     print(json.dumps(summary, sort_keys=True, default=str), flush=True)
 

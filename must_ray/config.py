@@ -205,12 +205,18 @@ class ScalingConfig:
     num_workers: list[int] = field(default_factory=lambda: [1, 1])
     use_gpu: bool = False  # one GPU per worker: NCCL, bf16 autocast
     cpus_per_worker: float = 1.0  # leave >= input.read_cpus free for the Ray Data readers
+    resize_interval_s: float = 60.0  # elastic: how often a healthy group checks for room to grow (a resize restarts it)
+    start_timeout_s: float = 10.0  # a group not placed in this long is retried, sized to the nodes alive then
+    poll_interval_s: float = 1.0  # Ray Train's controller polls the workers: finds a dead one, registers reports
 
     def validate(self, key: str) -> None:
         if len(self.num_workers) != 2 or not 1 <= self.num_workers[0] <= self.num_workers[1]:
             raise ConfigError(f"{key}.num_workers must be [min, max] with 1 <= min <= max, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"{key}.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        for name in ("resize_interval_s", "start_timeout_s", "poll_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{key}.{name} must be > 0 seconds, got {getattr(self, name)}")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 from must_ray.config import Config, teacher_config
 from must_ray.evaluate.run import run_evaluation
 from must_ray.evaluate.transfer import run_transfer, write_transfer
-from must_ray.io import MODEL_FILE, write_atomic
+from must_ray.io import MODEL_FILE, is_uri, write_atomic
 from must_ray.label.run import check_label_paths, label_tasks, run_labeling
 from must_ray.label.teachers import default_teacher_path
 from must_ray.progress import progress_tag
@@ -397,8 +397,15 @@ def _write_marker(cfg: Config, name: str, payload: dict) -> None:
 def plan_request(cfg: Config, only: Optional[Sequence[str]] = None, pipeline: Optional[list[Step]] = None,
                  force: Sequence[str] = ()) -> list[Decision]:
     """The decisions of :func:`plan_pipeline` for the steps ``only`` selects; raises
-    ConfigError for an unknown step name or an out-of-date input step outside ``only``. Needs no
-    Ray, so a job checks its request before starting it."""
+    ConfigError for an unknown step name, an out-of-date input step outside ``only``, or a
+    ``paths.root`` that is a URI (the big outputs can be: ``paths.labels``, the checkpoints). Needs
+    no Ray, so a job checks its request before starting it."""
+    if is_uri(cfg.paths.root):
+        raise ConfigError(
+            f"paths.root={cfg.paths.root!r}: the pipeline keeps its world, models, step markers and reports "
+            f"under paths.root with local file calls, so it must be a path (a mount every node shares on a "
+            f"cluster); put the big outputs on object storage with --set paths.labels=s3://... and "
+            f"--set teacher.checkpoint.storage_path=s3://... --set student.checkpoint.storage_path=s3://...")
     all_steps = pipeline if pipeline is not None else steps()
     names = [s.name for s in all_steps]
     for flag, given in (("--only", only or []), ("--force", force)):

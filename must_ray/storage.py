@@ -1,108 +1,51 @@
-"""Shared storage for multi-node runs: fail fast on node-local output paths.
+"""Shared storage for multi-node runs: fail fast on output paths that other nodes cannot see.
 
 On one machine any path works. On a multi-node Ray cluster the examples tables, teacher and
 student checkpoints are written by tasks and Ray Train workers on *every* node, so each output
-location must be storage that all nodes see: a URI (``s3://``, ``gs://``, ``abfs://``,
-``hdfs://`` ...) or a path on a shared filesystem mounted at the same place on every node (NFS,
-EFS, Filestore, CIFS, Lustre, GPFS, CephFS, gcsfuse, mountpoint-s3 ...). A node-local path
-would scatter outputs over the nodes' local disks and lose checkpoints when nodes scale down,
-so :func:`check_cluster_paths` (called by ``must_ray.cli.init_ray`` right after connecting)
-raises :class:`~must_ray.config.ConfigError` instead.
+location must be storage that all nodes see: a URI (``s3://``, ``gs://``, ``abfs://`` ...; the
+object store's own preflight is :mod:`must_ray.object_store`) or a path on a filesystem mounted at
+the same place on every node. A node-local path would scatter outputs over the nodes' local
+disks and lose checkpoints when nodes scale down, so :func:`check_cluster_paths` (called by
+``must_ray.cli.init_ray`` right after connecting) raises :class:`~must_ray.config.ConfigError`.
 
-Whether a local path is shared is read from ``/proc/mounts``: the filesystem type of the mount
-that holds the path (longest mount-point prefix of its resolved absolute form; the path itself
-need not exist yet). A relative path is relative to the driver's working directory, which under
-``ray job submit`` is the job's unpacked ``--working-dir`` copy: always node-local, and temporary,
-so :func:`check_job_output_paths` (called by ``must_ray.cli.load_job_config``) refuses relative
+Whether a path is shared is not guessed from its filesystem type: it is **probed**. The driver
+writes a sentinel file with a random token under the path (in its nearest existing folder) and
+one task pinned to each other alive node reads it back; a node that does not see the token is
+named in the error. So an NFS, EFS, Lustre or FUSE mount passes because every node sees it, and
+a node-local disk fails because one does not, whatever the mount table says.
+
+A relative path is relative to the driver's working directory, which under ``ray job submit`` is
+the job's unpacked ``--working-dir`` copy: always node-local, and temporary, so
+:func:`check_job_output_paths` (called by ``must_ray.cli.load_job_config``) refuses relative
 output paths in a submitted job even on a single node.
 
 Environment:
-  ``MUST_RAY_MULTI_NODE=1``        treat the cluster as multi-node even while only the head is up
-                                   (the shipped cluster YAMLs/manifests set it: autoscaling adds
-                                   workers after the job has started).
-  ``MUST_RAY_ALLOW_LOCAL_PATHS=1`` skip the check (every node mounts the path from a shared
-                                   filesystem this module does not recognise).
+  ``MUST_RAY_MULTI_NODE=1``        treat the cluster as multi-node even while only the driver's node is
+                                   up (the shipped cluster YAMLs/manifests set it: autoscaling adds
+                                   workers after the job has started). With no other node to probe,
+                                   a local path is refused.
+  ``MUST_RAY_ALLOW_LOCAL_PATHS=1`` skip the check: for that case only, when the path is a shared
+                                   mount and no worker node is up yet to prove it.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
-from dataclasses import dataclass
+import secrets
 from typing import Any, Optional, Sequence
 
 from must_ray.typed_config import ConfigError
 
 MULTI_NODE_ENV = "MUST_RAY_MULTI_NODE"
 ALLOW_LOCAL_ENV = "MUST_RAY_ALLOW_LOCAL_PATHS"
+PROBE_PREFIX = ".must-ray-storage-probe-"
+PROBE_TIMEOUT_S = 30.0
 
-# URI schemes whose storage every node reaches over the network (pyarrow / fsspec filesystems).
-SHARED_URI_SCHEMES = frozenset({
-    "s3", "s3a", "s3n", "gs", "gcs", "abfs", "abfss", "az", "adl", "wasb", "wasbs",
-    "hdfs", "viewfs", "oss", "cos", "obs", "r2", "b2", "swift", "webhdfs", "dbfs", "hf",
-})
 # URI schemes that are a plain path on the local node.
 LOCAL_URI_SCHEMES = frozenset({"file", "local"})
 
-# /proc/mounts filesystem types that are shared between machines.
-SHARED_FSTYPES = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "cephfs",
-    "glusterfs", "wekafs", "panfs", "pvfs2", "orangefs", "afs", "ocfs2", "gfs2", "juicefs",
-    "fuse.glusterfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.mountpoint-s3", "fuse.goofys",
-    "fuse.juicefs", "fuse.blobfuse", "fuse.blobfuse2", "fuse.rclone", "fuse.sshfs",
-    "fuse.ossfs", "fuse.geesefs", "fuse.ceph-fuse", "fuse.cephfs", "fuse.lustre",
-})
-# Plain "fuse" mounts name their daemon in the source column (e.g. mountpoint-s3).
-SHARED_FUSE_SOURCES = frozenset({
-    "s3fs", "gcsfuse", "mountpoint-s3", "goofys", "juicefs", "blobfuse", "blobfuse2", "rclone",
-    "sshfs", "ossfs", "geesefs", "ceph-fuse", "glusterfs",
-})
-
 _URI_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-_OCTAL_RE = re.compile(r"\\([0-7]{3})")
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One line of ``/proc/mounts``."""
-
-    source: str
-    mountpoint: str
-    fstype: str
-
-    @property
-    def shared(self) -> bool:
-        fstype = self.fstype.lower()
-        if fstype in SHARED_FSTYPES:
-            return True
-        if fstype in ("fuse", "fuseblk"):
-            return os.path.basename(self.source.lower()).split(":")[0] in SHARED_FUSE_SOURCES
-        return False
-
-
-def _unescape(field: str) -> str:
-    # The kernel writes space, tab, newline and backslash in paths as \040, \011, \012, \134.
-    return _OCTAL_RE.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_mounts(text: str) -> list[Mount]:
-    """Parse the text of ``/proc/mounts`` (or ``/proc/self/mounts``) into :class:`Mount` rows."""
-    mounts = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mounts.append(Mount(_unescape(parts[0]), _unescape(parts[1]), parts[2]))
-    return mounts
-
-
-def read_mounts(path: str = "/proc/mounts") -> Optional[list[Mount]]:
-    """This machine's mount table, or ``None`` where there is none (e.g. macOS)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return parse_mounts(f.read())
-    except OSError:
-        return None
 
 
 def uri_scheme(path_or_uri: str) -> Optional[str]:
@@ -111,65 +54,17 @@ def uri_scheme(path_or_uri: str) -> Optional[str]:
     return m.group(1).lower() if m else None
 
 
-def mount_for(path: str, mounts: Sequence[Mount]) -> Optional[Mount]:
-    """The mount that holds local ``path`` (which need not exist yet; symlinks in its existing
-    part are resolved): the longest mount point that is a prefix of it, the last one listed when
-    several are stacked on the same point."""
-    target = os.path.realpath(os.path.abspath(os.path.expanduser(path)))
-    best: Optional[Mount] = None
-    best_len = -1
-    for m in mounts:
-        mp = m.mountpoint.rstrip("/") or "/"
-        if target == mp or mp == "/" or target.startswith(mp + "/"):
-            if len(mp) >= best_len:
-                best, best_len = m, len(mp)
-    return best
-
-
-def describe_storage(path_or_uri: str, mounts: Optional[Sequence[Mount]] = None) -> tuple[bool, str]:
-    """``(shared, how)``: whether every node of a cluster can see ``path_or_uri``, and why."""
+def local_path(path_or_uri: str) -> Optional[str]:
+    """The absolute local path of a plain path or ``file://`` URI; ``None`` for a remote URI."""
     scheme = uri_scheme(path_or_uri)
     if scheme is not None and scheme not in LOCAL_URI_SCHEMES:
-        known = "a shared" if scheme in SHARED_URI_SCHEMES else "a remote"
-        return True, f"{known} {scheme}:// URI"
+        return None
     local = path_or_uri[len(scheme) + 3:] if scheme else path_or_uri
-    if mounts is None:
-        mounts = read_mounts()
-    resolved = os.path.realpath(os.path.abspath(os.path.expanduser(local)))
-    if not mounts:
-        return False, f"a local path ({resolved}; no /proc/mounts to prove it is on a shared filesystem)"
-    m = mount_for(resolved, mounts)
-    if m is None:
-        return False, f"a local path ({resolved}; no mount found for it)"
-    where = f"{resolved} on {m.fstype} filesystem {m.source} mounted at {m.mountpoint}"
-    if m.shared:
-        return True, f"a path on a shared filesystem ({where})"
-    return False, f"a node-local path ({where})"
+    return os.path.abspath(os.path.expanduser(local))
 
 
 def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def check_shared_storage(path_or_uri: str, cluster_nodes: int, *, key: str = "paths.root",
-                         mounts: Optional[Sequence[Mount]] = None, cluster: str = "") -> None:
-    """Raise :class:`ConfigError` naming ``key`` when ``cluster_nodes > 1`` and ``path_or_uri`` is
-    not on storage every node sees. Single-node clusters (a laptop) accept any path.
-    ``cluster`` optionally replaces the "has N nodes" wording of the message."""
-    if cluster_nodes <= 1 or _truthy(ALLOW_LOCAL_ENV):
-        return
-    shared, how = describe_storage(path_or_uri, mounts)
-    if shared:
-        return
-    cluster = cluster or f"has {cluster_nodes} nodes"
-    raise ConfigError(
-        f"{key}={path_or_uri!r} is {how}, but this Ray cluster {cluster}: tables and "
-        f"checkpoints written by tasks and Ray Train workers on other nodes would land on those "
-        f"nodes' local disks and be lost when they scale down. Point {key} at storage every node "
-        f"sees, e.g. --set {key}=s3://my-bucket/must-ray/run1 (or gs://..., abfs://...) or a path "
-        f"on an NFS mount present on every node (e.g. /mnt/nfs/must-ray/run1). If this path is "
-        f"shared after all, set {ALLOW_LOCAL_ENV}=1."
-    )
 
 
 def cluster_node_count() -> int:
@@ -177,6 +72,109 @@ def cluster_node_count() -> int:
     import ray
 
     return sum(1 for n in ray.nodes() if n.get("Alive", n.get("alive", False)))
+
+
+def _nearest_folder(path: str) -> str:
+    while not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def _read_probes(paths: list[str]) -> list[Optional[str]]:
+    out = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                out.append(f.read())
+        except OSError:
+            out.append(None)
+    return out
+
+
+def probe_shared_storage(locations: Sequence[tuple[str, str]], timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
+    """Prove that every local ``(key, path)`` of ``locations`` is seen by every other alive node
+    of the connected cluster: a sentinel written here must read back on each of them. Raises
+    :class:`ConfigError` naming the key, the path and the first node that cannot see it. Returns
+    the node ids probed (none on a one-node cluster). URIs are skipped."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    local = [(key, path) for key, location in locations if location and (path := local_path(location))]
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    if not local or not others:
+        return []
+    token = secrets.token_hex(16)
+    sentinels = []
+    try:
+        for key, path in local:
+            folder = _nearest_folder(path)
+            sentinel = os.path.join(folder, f"{PROBE_PREFIX}{token}")
+            try:
+                with open(sentinel, "w", encoding="utf-8") as f:
+                    f.write(token)
+            except OSError as exc:
+                raise ConfigError(f"{key}={path!r}: cannot write under {folder} to check that every node sees it "
+                                  f"({exc.strerror or exc}); give a writable path or a URI") from None
+            sentinels.append((key, path, sentinel))
+        reader = ray.remote(num_cpus=0, max_retries=0)(_read_probes)
+        paths = [s for _, _, s in sentinels]
+        refs = {reader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            paths): n for n in others}
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        for ref in pending:
+            node = refs[ref]
+            ray.cancel(ref, force=True)
+            raise ConfigError(f"node {node['NodeManagerAddress']} ({node['NodeID'][:12]}) did not answer the "
+                              f"shared-storage probe of {', '.join(k for k, _, _ in sentinels)} in {timeout_s:.0f}s; "
+                              f"check that node, or set {ALLOW_LOCAL_ENV}=1 to skip the probe")
+        for ref in ready:
+            try:
+                seen = ray.get(ref)
+            except (ray.exceptions.RayError, OSError):
+                continue  # the node died meanwhile: nothing of this run will land there
+            for (key, path, sentinel), token_seen in zip(sentinels, seen):
+                if token_seen != token:
+                    node = refs[ref]
+                    raise ConfigError(
+                        f"{key}={path!r} is not on storage every node sees: node {node['NodeManagerAddress']} "
+                        f"({node['NodeID'][:12]}) cannot read {sentinel}, which this driver just wrote; tables "
+                        f"and checkpoints written there would land on that node's local disk and be lost when it "
+                        f"scales down. Point {key} at a URI (--set {key}=s3://my-bucket/must-ray/run1) or at a "
+                        f"shared mount present on every node (NFS, EFS, Lustre ...)")
+        return [n["NodeID"] for n in others]
+    finally:
+        for _, _, sentinel in sentinels:
+            try:
+                os.remove(sentinel)
+            except OSError:
+                pass
+
+
+def check_shared_storage(locations: Sequence[tuple[str, Optional[str]]]) -> None:
+    """Fail fast when a multi-node cluster would write to a path some node cannot see: probe the
+    other alive nodes (:func:`probe_shared_storage`); on a cluster marked multi-node
+    (``MUST_RAY_MULTI_NODE=1``) whose other nodes are not up yet, refuse local paths (nothing can
+    prove them shared yet). A one-node cluster (a laptop) accepts any path."""
+    if _truthy(ALLOW_LOCAL_ENV):
+        return
+    locations = [(key, loc) for key, loc in locations if loc]
+    nodes = cluster_node_count()
+    if nodes > 1:
+        probe_shared_storage(locations)
+        return
+    if not _truthy(MULTI_NODE_ENV):
+        return
+    for key, location in locations:
+        if local_path(location) is not None:
+            raise ConfigError(
+                f"{key}={location!r} is a local path, and this Ray cluster is multi-node ({MULTI_NODE_ENV}=1) but "
+                f"has no other node up yet to prove that path is shared: point {key} at a URI "
+                f"(--set {key}=s3://my-bucket/must-ray/run1), or keep a worker node up (min_workers >= 1) so "
+                f"the probe can check it, or set {ALLOW_LOCAL_ENV}=1 if it is a mount every node has")
 
 
 def output_locations(cfg: Any) -> list[tuple[str, str]]:
@@ -197,25 +195,10 @@ def output_locations(cfg: Any) -> list[tuple[str, str]]:
     return out
 
 
-def check_cluster_paths(cfg: Any, cluster_nodes: Optional[int] = None,
-                        mounts: Optional[Sequence[Mount]] = None) -> None:
-    """Fail fast when a multi-node cluster would write outputs to a node-local path.
-    ``cluster_nodes`` defaults to the alive nodes of the connected Ray cluster; with
-    ``MUST_RAY_MULTI_NODE=1`` the cluster counts as multi-node even while only the head is up."""
-    if _truthy(ALLOW_LOCAL_ENV):
-        return
-    nodes = cluster_node_count() if cluster_nodes is None else cluster_nodes
-    cluster = ""
-    if nodes <= 1 and _truthy(MULTI_NODE_ENV):
-        cluster = (f"has {nodes} alive node(s) now and {MULTI_NODE_ENV}=1 (set by the cluster config: "
-                   f"the autoscaler adds worker nodes while the job runs)")
-        nodes = 2
-    if nodes <= 1:
-        return
-    if mounts is None:
-        mounts = read_mounts()
-    for key, location in output_locations(cfg):
-        check_shared_storage(location, nodes, key=key, mounts=mounts, cluster=cluster)
+def check_cluster_paths(cfg: Any) -> None:
+    """Fail fast when a multi-node cluster would write the config's outputs to a path some node
+    cannot see (:func:`check_shared_storage`)."""
+    check_shared_storage(output_locations(cfg))
 
 
 # Set by Ray's job supervisor in the environment of a `ray job submit` entrypoint: the job's
@@ -276,8 +259,7 @@ def job_output_locations(cfg: Any) -> list[tuple[str, str]]:
 
 
 __all__ = [
-    "Mount", "parse_mounts", "read_mounts", "mount_for", "uri_scheme", "describe_storage",
-    "check_shared_storage", "check_cluster_paths", "cluster_node_count", "output_locations",
-    "submitted_working_dir", "check_job_output_paths", "job_output_locations",
-    "MULTI_NODE_ENV", "ALLOW_LOCAL_ENV", "RAY_JOB_CONFIG_ENV",
+    "uri_scheme", "local_path", "probe_shared_storage", "check_shared_storage", "check_cluster_paths",
+    "cluster_node_count", "output_locations", "submitted_working_dir", "check_job_output_paths",
+    "job_output_locations", "MULTI_NODE_ENV", "ALLOW_LOCAL_ENV", "RAY_JOB_CONFIG_ENV",
 ]

@@ -91,3 +91,21 @@ def demo_config():
     from must_ray.config import load_config
 
     return load_config(REPO / "jobs" / "configs" / "demo.yaml")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible server (moto) on loopback for the session, in its own process, with IAM
+    auth on (tests/s3_server.py); stopped by its pid at the end. This process's environment is
+    left alone: tests hand ``s3_server.env()`` to the jobs they start."""
+    from tests.s3_server import start_s3_server
+
+    server = start_s3_server(str(tmp_path_factory.mktemp("s3")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the session's S3 server (its name)."""
+    return s3_server.create_bucket()

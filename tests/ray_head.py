@@ -190,10 +190,12 @@ def kill_stragglers(procs: list, grace_s: float) -> list[int]:
 
 
 def start_head(num_cpus: int = 2, object_store_mb: int = 256, extra_env: Optional[dict[str, str]] = None,
-               timeout: float = 90.0) -> LocalHead:
+               timeout: float = 90.0, autoscaling: Optional[dict] = None) -> LocalHead:
     """Start a head with token auth on loopback, wait until its dashboard (job API) and metrics
     endpoint answer, and return it. ``extra_env``: more variables for the head's processes (e.g.
-    ``RAY_metrics_report_interval_ms``); they reach every worker and job driver it starts."""
+    ``RAY_metrics_report_interval_ms``); they reach every worker and job driver it starts.
+    ``autoscaling``: a cluster config (a ``fake_multinode`` provider) the head's autoscaler runs;
+    its ``provider.gcs_address`` is set to the head's port."""
     t0 = time.time()
     temp_dir = tempfile.mkdtemp(prefix="mrh", dir="/tmp")  # short: /tmp/mrhXXXXXXXX/session_.../sockets/...
     ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
@@ -210,6 +212,13 @@ def start_head(num_cpus: int = 2, object_store_mb: int = 256, extra_env: Optiona
             "--include-dashboard=true", f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
             f"--object-store-memory={object_store_mb * 1024 * 1024}", "--disable-usage-stats"]
     args += [f"--{name}={port}" for name, port in ports.items()]
+    if autoscaling is not None:
+        config = json.loads(json.dumps(autoscaling))
+        config["provider"]["gcs_address"] = f"127.0.0.1:{ports['port']}"
+        config_path = os.path.join(temp_dir, "autoscaling.yaml")
+        Path(config_path).write_text(json.dumps(config))
+        args.append(f"--autoscaling-config={config_path}")
+        head_env.update(RAY_FAKE_CLUSTER="1")
     log = open(os.path.join(temp_dir, "ray_start.log"), "w")
     proc = subprocess.Popen(args, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     client_env = dict(base, RAY_ADDRESS=f"http://127.0.0.1:{ports['dashboard-port']}")

@@ -37,12 +37,12 @@ CI_SIZED = [
     "world.image_size=32", "world.min_objects=1", "world.max_objects=2",
     *[f"world.splits.teacher_{t}.num=512" for t in ALL_TASKS if t != "classification"],
     "world.splits.teacher_classification.num=4096",
-    "world.splits.unlabeled.num=3072", "world.splits.test.num=512", f"world.splits.test.tasks={ALL_TASKS}",
-    "teacher.schedule.max_steps=150", "teacher.schedule.warmup_steps=15", "teacher.report_every_steps=50",
+    "world.splits.unlabeled.num=2048", "world.splits.test.num=512", f"world.splits.test.tasks={ALL_TASKS}",
+    "teacher.schedule.max_steps=120", "teacher.schedule.warmup_steps=12", "teacher.report_every_steps=50",
     "teacher.concurrent_runs=2", "teacher.scaling.cpus_per_worker=0.75",  # two one-thread teachers at a time
-    "teacher.per_task={classification: {schedule: {max_steps: 700}, global_batch_size: 64, ema_decay: 0.99, "
+    "teacher.per_task={classification: {schedule: {max_steps: 500}, global_batch_size: 64, ema_decay: 0.99, "
     "input: {crop_scale_min: 1.0}}}",
-    "student.schedule.max_steps=400", "student.global_batch_size=64", "student.ema_decay=0.98",
+    "student.schedule.max_steps=300", "student.global_batch_size=64", "student.ema_decay=0.98",
     "student.report_every_steps=100",
     "label.shard_size=1024",
     "transfer.train_num=64", "transfer.test_num=64",
@@ -78,7 +78,7 @@ def test_demo_pipeline_with_a_plugin_task_end_to_end_then_rerun_does_nothing(ray
     # the plug-in task, through every step
     labels = pq.read_table(cfg.paths.resolve("labels"), columns=["edges_png"])
     assert table_tasks([cfg.paths.resolve("labels")]) == ALL_TASKS
-    assert labels.num_rows == 3072 and labels.column("edges_png").null_count == 0
+    assert labels.num_rows == 2048 and labels.column("edges_png").null_count == 0
     student = metrics["models"]["student"]["tasks"]["edges"]
     assert {"f1", "iou"} <= set(student["metrics"]) and 0.0 <= student["value"] <= 1.0
     assert "edges" in metrics["models"]["teacher_edges"]["tasks"]
@@ -95,7 +95,7 @@ def test_demo_pipeline_with_a_plugin_task_end_to_end_then_rerun_does_nothing(ray
 
     # bf16 labels of the trained teachers agree with their fp32 labels (what precision: auto relies
     # on where the CPU has native bf16 units), in each task's own metric
-    bf16 = teacher_precision(cfg, num_images=128, rounds=1)
+    bf16 = teacher_precision(cfg, num_images=64, rounds=1)
     assert sorted(bf16["agreement"]) == sorted(ALL_TASKS)
     missed = [c for c in agreement_checks(bf16["agreement"]) if not c["met"]]
     assert len(agreement_checks(bf16["agreement"])) == len(TASKS) and not missed, (missed, bf16["agreement"])

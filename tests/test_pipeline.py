@@ -173,3 +173,13 @@ def test_a_crashed_relabel_resumes_its_own_shards(tmp_path):
     calls: list = []
     run_pipeline(thr, pipeline=_real_chain(calls), progress_stream=io.StringIO())
     assert calls[0] == ("label", False)  # same identity as the crashed attempt: resume, do not wipe
+
+
+def test_a_uri_paths_root_is_refused_before_any_work_with_the_keys_that_can_be_uris():
+    from must_ray.pipeline import plan_request
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "demo.yaml"),
+                      ["paths.root=s3://my-bucket/run1"])
+    with pytest.raises(ConfigError, match=r"^paths\.root='s3://my-bucket/run1'.*paths\.labels=s3://") as exc:
+        plan_request(cfg)
+    assert "\n" not in str(exc.value)

@@ -5,8 +5,9 @@ the shard committed (``store.OutputStore.commit_shard``), one report row back to
 the same per-image functions); :class:`ShardLabeler` is the ``map_batches`` callable class around
 it. A report (:data:`REPORT_SCHEMA`) says what the shard was (rows, quarantined, reasons), where its
 time went (decode / teachers / encode / write seconds, per teacher) and what it cost the actor
-(process, CPU seconds, peak RSS, when the actor was up): cheap facts, read once per shard; the
-driver sums what the summary needs and hands every report to an optional observer.
+(process, CPU seconds, peak RSS, when the actor was up) and whether it is a retry (the node of an
+earlier attempt in this run, lost mid-shard): cheap facts, read once per shard; the driver sums
+what the summary needs and hands every report to an optional observer.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ REPORT_SCHEMA = pa.schema([("shard", pa.int64()), ("rows", pa.int64()), ("quaran
                            ("pid", pa.int64()), ("decoded_here", pa.bool_()), ("actor_ready_at", pa.float64()),
                            ("actor_init_s", pa.float64()), ("committed_at", pa.float64()),
                            ("actor_timeline", pa.list_(pa.float64())), ("peak_rss_mb", pa.float64()),
-                           ("cpu_s", pa.float64())])
+                           ("cpu_s", pa.float64()), ("retry_of_node", pa.string())])
 
 
 def torch_threads(cfg: Config) -> int:
@@ -134,6 +135,12 @@ def label_shard(prep: PreparedShard, teachers: TeacherSet, tasks: dict[str, Task
     return table, quarantine_rows(prep), timings
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
 class ShardLabeler:
     """The teacher actor (``map_batches`` callable class): builds every teacher once, then per
     prepared shard runs them all, encodes and commits. Returns one report row per shard."""
@@ -154,6 +161,7 @@ class ShardLabeler:
         self.executor = None
         if cfg.label.encode_threads > 0:
             self.executor = ThreadPoolExecutor(cfg.label.encode_threads, thread_name_prefix="encode")
+        self.node_id = _node_id()
         self.ready_at = time.time()  # epoch seconds: when this actor could label
         self.init_s = self.ready_at - t0
         # epoch seconds of: worker process start, imports begin/end, constructor begin/end
@@ -166,6 +174,7 @@ class ShardLabeler:
     def label_and_commit(self, prep: PreparedShard) -> dict[str, Any]:
         """Label ``prep``, commit it, update the metrics; the shard's report row."""
         cpu0 = time.process_time()  # the actor process's CPU seconds (all its threads) for this shard
+        retry_of_node = self.store.start_attempt(prep.shard, self.node_id)
         table, quarantine, timings = label_shard(prep, self.teachers, self.tasks, self.schema, self.batch_size,
                                                  self.metrics, self.executor)
         t0 = time.perf_counter()
@@ -180,7 +189,7 @@ class ShardLabeler:
                 "teacher_s": json.dumps(timings["teachers"]), "pid": os.getpid(),
                 "decoded_here": prep.decode_pid == os.getpid(), "actor_ready_at": self.ready_at,
                 "actor_init_s": self.init_s, "committed_at": time.time(), "actor_timeline": self.timeline,
-                "peak_rss_mb": peak_rss_mb(), "cpu_s": time.process_time() - cpu0}
+                "peak_rss_mb": peak_rss_mb(), "cpu_s": time.process_time() - cpu0, "retry_of_node": retry_of_node}
 
 
 __all__ = ["ShardLabeler", "label_shard", "quarantine_rows", "torch_threads", "peak_rss_mb", "REPORT_SCHEMA"]

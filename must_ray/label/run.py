@@ -298,7 +298,7 @@ class Progress:
 
     def __init__(self, pending: Pending, log_every_s: float):
         self.shards_total, self.images_total, self.log_every_s = len(pending.shards), pending.images, log_every_s
-        self.shards = self.images = 0
+        self.shards = self.images = self.retried = 0
         self.stage_s = dict.fromkeys(STAGES, 0.0)
         self.teacher_s: dict[str, float] = {}
         self.started = self.last_log = time.perf_counter()
@@ -310,6 +310,10 @@ class Progress:
         """Count one committed shard's report."""
         self.shards += 1
         self.images += report["rows"] + report["quarantined"]
+        if report.get("retry_of_node"):
+            self.retried += 1
+            print(f"[label] shard {report['shard']} was retried: its first attempt, on node "
+                  f"{report['retry_of_node'][:12]}, was lost mid-shard", file=sys.stderr, flush=True)
         for k in STAGES:
             self.stage_s[k] += report[k]
         for name, sec in json.loads(report["teacher_s"]).items():
@@ -370,6 +374,7 @@ def summarise(run: LabelRun, pending: Pending, counts: dict[str, Any], progress:
         "shards": pending.num_shards,
         "shards_skipped": len(pending.committed),
         "shards_labeled": len(pending.shards),
+        "shards_retried": progress.retried,
         "images_this_run": images,
         "images_per_s": round(progress.steady_rate(), 2) if progress.images else 0.0,
         "startup_s": round(progress.startup_s, 2) if progress.startup_s is not None else None,

@@ -12,6 +12,8 @@ or ``**/*.parquet``) reads it as exactly the table; the run's bookkeeping lives 
     <output>_manifest/run.json                          what the run labels with (input, teachers + hashes ...)
     <output>_manifest/SUCCESS.json                      the final summary, after the exactly-once check passed
     <output>_manifest/tmp/                              files being written (emptied at the end)
+    <output>_manifest/attempts/<shard>                  a shard an actor started in this run (emptied when a
+                                                        run starts): found by a second attempt = retried
 
 A plan of more than ``label.files_per_dir`` shards spreads the part and quarantine files over
 sub-directories of ``files_per_dir`` shards each (``<output>/0000/part-000000.parquet``,
@@ -139,6 +141,10 @@ class OutputStore:
     def tmp_dir(self) -> str:
         return self.manifest_dir + "/tmp"
 
+    @property
+    def attempts_dir(self) -> str:
+        return self.manifest_dir + "/attempts"
+
     # ------------------------------------------------------------------ basic io
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
@@ -147,7 +153,7 @@ class OutputStore:
         return self.fs.get_file_info(path).type == pafs.FileType.Directory
 
     def makedirs(self) -> None:
-        for d in (self.root, self.quarantine_dir, self.manifest_dir, self.tmp_dir):
+        for d in (self.root, self.quarantine_dir, self.manifest_dir, self.tmp_dir, self.attempts_dir):
             self.fs.create_dir(d, recursive=True)
 
     def _write_bytes_atomic(self, final: str, write) -> None:
@@ -212,9 +218,23 @@ class OutputStore:
             self.fs.delete_dir(self.plan_dir)
 
     def clean_tmp(self) -> None:
-        """Remove temp files left by writers that died (only call while no writer runs)."""
-        if self._is_dir(self.tmp_dir):
-            self.fs.delete_dir_contents(self.tmp_dir, missing_dir_ok=True)
+        """Remove temp files left by writers that died, and the previous run's attempt marks (only
+        call while no writer runs)."""
+        for d in (self.tmp_dir, self.attempts_dir):
+            if self._is_dir(d):
+                self.fs.delete_dir_contents(d, missing_dir_ok=True)
+
+    def start_attempt(self, shard: int, node: str) -> Optional[str]:
+        """Mark ``shard`` as started by an actor on ``node``. Returns the node of an earlier attempt
+        in this run (the shard is being retried: that actor or its node was lost mid-shard), else
+        ``None``."""
+        path = f"{self.attempts_dir}/{shard:08d}"
+        if self.exists(path):
+            with self.fs.open_input_stream(path) as f:
+                return f.read().decode() or "?"
+        data = node.encode()
+        self._write_bytes_atomic(path, lambda f: f.write(data))
+        return None
 
     # ------------------------------------------------------------------ manifest
     def write_plan(self, plan: pa.Table) -> None:

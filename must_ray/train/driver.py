@@ -10,6 +10,7 @@ The training jobs' flags (:func:`must_ray.cli.add_train_flags`) are shorthands f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,11 +26,7 @@ from must_ray.io import HISTORY_FILE, MODEL_FILE, atomic_path, is_uri
 from must_ray.models.export import check_model_file
 from must_ray.progress import current_tag, progress_tag
 from must_ray.ray_logs import train_log_level
-from must_ray.storage import (
-    MULTI_NODE_ENV,
-    check_shared_storage,
-    cluster_node_count,
-)
+from must_ray.storage import check_shared_storage
 from must_ray.table import table_classes, table_rows, table_tasks, tables_bytes
 from must_ray.train.checkpoint import (
     META_FILE,
@@ -130,8 +127,7 @@ def plan_run(cfg: Config, role: str, data: Optional[Sequence[str]], tasks: Optio
     plan = TrainPlan(cfg=cfg, role=role, data=data, tasks=names, classes=classes, rows=rows, out_dir=out_dir,
                      stage=stage, run_name=run_name or tcfg.checkpoint.run_name or default_run_name(cfg, role, names),
                      storage=default_storage_path(tcfg, out_dir))
-    _check_shared(plan.storage, f"{role}.checkpoint.storage_path")
-    _check_shared(out_dir, "--out")
+    check_shared_storage([(f"{role}.checkpoint.storage_path", plan.storage), ("--out", out_dir)])
     return plan
 
 
@@ -171,14 +167,6 @@ def default_storage_path(tcfg: TrainConfig, out_dir: str) -> str:
 def default_run_name(cfg: Config, role: str, tasks: Sequence[str]) -> str:
     """``<name>-teacher-<task>`` or ``<name>-student``."""
     return f"{cfg.name}-teacher-{tasks[0]}" if role == "teacher" else f"{cfg.name}-student"
-
-
-def _check_shared(location: str, key: str) -> None:
-    """On a multi-node cluster, refuse node-local storage / output paths (see must_ray.storage)."""
-    nodes = cluster_node_count()
-    if nodes <= 1 and os.environ.get(MULTI_NODE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-        nodes = 2
-    check_shared_storage(location, nodes, key=key)
 
 
 def resume_point(plan: TrainPlan) -> Optional[int]:
@@ -266,7 +254,8 @@ def fit(spec: RunSpec, dataset, plan: TrainPlan):
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=(lo, hi) if lo < hi else lo, use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}),
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+            elastic_resize_monitor_interval_s=scaling.resize_interval_s),
         run_config=ray.train.RunConfig(
             name=plan.run_name, storage_path=plan.storage,
             failure_config=ray.train.FailureConfig(max_failures=ckpt.max_failures),
@@ -275,13 +264,36 @@ def fit(spec: RunSpec, dataset, plan: TrainPlan):
         datasets={"train": dataset},
         dataset_config=ray.train.DataConfig(execution_options=ingest_options()),
     )
-    with progress_tag(current_tag(""), ray_data=False):  # the workers report progress; the ingest draws no line
+    with progress_tag(current_tag(""), ray_data=False), controller_env(scaling):  # the workers report progress
         result = trainer.fit()
     if getattr(result, "error", None):
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"run {plan.run_name!r} finished without a checkpoint")
     return result
+
+
+#: Ray Train V2 reads these in its controller, which gets them from the driver's environment
+CONTROLLER_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "start_timeout_s",
+                  "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "poll_interval_s"}
+
+
+@contextlib.contextmanager
+def controller_env(scaling):
+    """Hand ``scaling.start_timeout_s`` and ``scaling.poll_interval_s`` to Ray Train's controller
+    for one run. They set how fast a run recovers from a lost node: Ray's 60 s start timeout keeps
+    a group waiting that long for the dead node's workers, and a report is registered only at a
+    poll (a crash within one poll interval of a checkpoint loses it)."""
+    saved = {var: os.environ.get(var) for var in CONTROLLER_ENV}
+    os.environ.update({var: str(getattr(scaling, name)) for var, name in CONTROLLER_ENV.items()})
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
 
 
 def ingest_options():

@@ -44,7 +44,7 @@ from ray.data.datasource import FilenameProvider
 from must_ray import __version__
 from must_ray.images import BadImageError, decode_image, encode_png
 from must_ray.io import is_uri, write_atomic
-from must_ray.storage import ALLOW_LOCAL_ENV, MULTI_NODE_ENV, check_shared_storage, cluster_node_count, read_mounts
+from must_ray.storage import check_shared_storage
 from must_ray.table import examples_schema, non_table_files, open_table, rows_to_table
 from must_ray.tasks import build_task
 
@@ -185,23 +185,9 @@ def strip_image_ext(rel: str) -> str:
 
 def check_shared_locations(locations: Sequence[tuple[str, Optional[str]]]) -> None:
     """On a multi-node cluster, every ``(flag, location)`` that Ray tasks read or write must be
-    storage all nodes see (a URI or a shared mount); raises ConfigError naming the flag otherwise.
-    Same rules and environment switches as :func:`must_ray.storage.check_cluster_paths`."""
-
-    def truthy(name: str) -> bool:
-        return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-    if truthy(ALLOW_LOCAL_ENV):
-        return
-    nodes, cluster = cluster_node_count(), ""
-    if nodes <= 1 and truthy(MULTI_NODE_ENV):
-        nodes, cluster = 2, f"is multi-node ({MULTI_NODE_ENV}=1)"
-    if nodes <= 1:
-        return
-    mounts = read_mounts()
-    for key, location in locations:
-        if location:
-            check_shared_storage(absolute(location), nodes, key=key, mounts=mounts, cluster=cluster)
+    storage all nodes see (a URI or a shared mount); raises ConfigError naming the flag otherwise
+    (:func:`must_ray.storage.check_shared_storage`: the same probe and switches as every job)."""
+    check_shared_storage([(key, absolute(location)) for key, location in locations if location])
 
 
 # ----------------------------------------------------------------------------- class lists
