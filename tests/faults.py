@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 def _two_controller_polls() -> float:
     """Ray Train collects what workers reported when its controller polls them (every
-    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, read in the driver's environment): a worker that waits
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` when the driver's environment sets it, else the run's
+    ``scaling.poll_interval_s``, 1 s by default; 2 s is assumed, the longer): a worker that waits
     two polls before dying has its last report (and checkpoint) registered, so the restart point
     is deterministic."""
     return 2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")) + 0.5

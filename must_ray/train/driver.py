@@ -281,11 +281,13 @@ CONTROLLER_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "start_timeout_s",
 @contextlib.contextmanager
 def controller_env(scaling):
     """Hand ``scaling.start_timeout_s`` and ``scaling.poll_interval_s`` to Ray Train's controller
-    for one run. They set how fast a run recovers from a lost node: Ray's 60 s start timeout keeps
-    a group waiting that long for the dead node's workers, and a report is registered only at a
-    poll (a crash within one poll interval of a checkpoint loses it)."""
+    for one run (a variable already set in this environment wins). They set how fast a run
+    recovers from a lost node: Ray's 60 s start timeout keeps a group waiting that long for the
+    dead node's workers, and a report is registered only at a poll (a crash within one poll
+    interval of a checkpoint loses it)."""
     saved = {var: os.environ.get(var) for var in CONTROLLER_ENV}
-    os.environ.update({var: str(getattr(scaling, name)) for var, name in CONTROLLER_ENV.items()})
+    os.environ.update({var: str(getattr(scaling, name)) for var, name in CONTROLLER_ENV.items()
+                       if saved[var] is None})
     try:
         yield
     finally:
