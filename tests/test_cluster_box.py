@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -41,8 +42,6 @@ def _in_flight_on_a_node(store: OutputStore) -> tuple[int, str] | None:
     committed = store.committed_shards()
     if not store.exists(store.attempts_dir):
         return None
-    import pyarrow.fs as pafs
-
     for info in store.fs.get_file_info(pafs.FileSelector(store.attempts_dir)):
         shard = int(os.path.basename(info.path))
         if shard not in committed:
@@ -55,9 +54,9 @@ def _in_flight_on_a_node(store: OutputStore) -> tuple[int, str] | None:
 
 def test_autoscaled_labelling_survives_a_lost_node_and_scales_back_to_zero(tmp_path):
     """A label job with an actor pool of [1, 3] on a head with no CPUs: the autoscaler launches
-    worker nodes for it; one node is killed (its raylet, SIGKILL) while its actor is mid-shard; the
-    job still ends in the same run with one row per input and says which shards it retried; the
-    idle nodes are removed after the idle timeout."""
+    worker nodes for it; one node is killed (its raylet and processes, SIGKILL) while its actor is
+    mid-shard; the job still ends in the same run with one row per input and says which shard it
+    retried; the idle nodes are removed after the idle timeout."""
     images = _write_images(tmp_path / "png", 24)
     out = tmp_path / "labels"
     head = start_box(max_workers=3, idle_timeout_s=IDLE_TIMEOUT_S,
@@ -86,7 +85,7 @@ def test_autoscaled_labelling_survives_a_lost_node_and_scales_back_to_zero(tmp_p
         assert len(ids) == len(set(ids)) == len(images) and set(ids) == set(images)
         assert summary["rows"] == len(images) and summary["exactly_once"]["passed"]
         assert summary["shards_retried"] >= 1, summary
-        assert f"shard {shard} was retried" in stderr or summary["shards_retried"] >= 1
+        assert f"shard {shard} was retried" in stderr, stderr[-3000:]
         assert nodes.peak >= 2, nodes.text()
         print(f"\nautoscaled labelling: worker nodes over time {nodes.text()}; node {node[-5:]} killed at "
               f"t={killed_at:.0f}s mid-shard {shard}; job done at t={done_at:.0f}s: {summary['rows']} rows for "
