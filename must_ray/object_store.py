@@ -18,13 +18,12 @@ a bucket that does not exist and credentials the server refuses each become one
 :class:`~must_ray.typed_config.ConfigError` line naming the key, the URI and the cause."""
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from must_ray.storage import RAY_JOB_CONFIG_ENV, uri_scheme
+from must_ray.storage import submitted_runtime_env, uri_scheme
 from must_ray.typed_config import ConfigError
 
 #: URI schemes the preflight checks (what ``pyarrow.fs.FileSystem.from_uri`` opens as S3)
@@ -58,11 +57,7 @@ def worker_env_vars(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def _submitted_env_vars(environ: Mapping[str, str]) -> set[str]:
-    try:
-        runtime_env = json.loads(environ.get(RAY_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
-    except (ValueError, AttributeError):
-        return set()
-    env_vars = runtime_env.get("env_vars") if isinstance(runtime_env, dict) else None
+    env_vars = submitted_runtime_env(dict(environ)).get("env_vars")
     return set(env_vars) if isinstance(env_vars, dict) else set()
 
 

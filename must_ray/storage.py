@@ -162,11 +162,7 @@ def check_shared_storage(locations: Sequence[tuple[str, Optional[str]]]) -> None
     if _truthy(ALLOW_LOCAL_ENV):
         return
     locations = [(key, loc) for key, loc in locations if loc]
-    nodes = cluster_node_count()
-    if nodes > 1:
-        probe_shared_storage(locations)
-        return
-    if not _truthy(MULTI_NODE_ENV):
+    if probe_shared_storage(locations) or not _truthy(MULTI_NODE_ENV):
         return
     for key, location in locations:
         if local_path(location) is not None:
@@ -206,19 +202,25 @@ def check_cluster_paths(cfg: Any) -> None:
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-def submitted_working_dir(environ: Optional[dict] = None) -> Optional[str]:
-    """The ``working_dir`` of the runtime environment this process was submitted with
-    (``ray job submit --working-dir ...``), or ``None`` outside a submitted job / without one."""
+def submitted_runtime_env(environ: Optional[dict] = None) -> dict:
+    """The runtime environment this process was submitted with (``ray job submit
+    --working-dir ... --runtime-env-json ...``), ``{}`` outside a submitted job."""
     import json
 
     raw = (os.environ if environ is None else environ).get(RAY_JOB_CONFIG_ENV)
     if not raw:
-        return None
+        return {}
     try:
         runtime_env = json.loads(raw).get("runtime_env") or {}
     except (ValueError, AttributeError):
-        return None
-    working_dir = runtime_env.get("working_dir") if isinstance(runtime_env, dict) else None
+        return {}
+    return runtime_env if isinstance(runtime_env, dict) else {}
+
+
+def submitted_working_dir(environ: Optional[dict] = None) -> Optional[str]:
+    """The ``working_dir`` of the runtime environment this process was submitted with
+    (``ray job submit --working-dir ...``), or ``None`` outside a submitted job / without one."""
+    working_dir = submitted_runtime_env(environ).get("working_dir")
     return str(working_dir) if working_dir else None
 
 
@@ -260,6 +262,7 @@ def job_output_locations(cfg: Any) -> list[tuple[str, str]]:
 
 __all__ = [
     "uri_scheme", "local_path", "probe_shared_storage", "check_shared_storage", "check_cluster_paths",
-    "cluster_node_count", "output_locations", "submitted_working_dir", "check_job_output_paths",
+    "cluster_node_count", "output_locations", "submitted_runtime_env", "submitted_working_dir",
+    "check_job_output_paths",
     "job_output_locations", "MULTI_NODE_ENV", "ALLOW_LOCAL_ENV", "RAY_JOB_CONFIG_ENV",
 ]
