@@ -6,6 +6,7 @@ Examples:
   python jobs/pipeline.py --only evaluate --only transfer          # just those steps
   python jobs/pipeline.py --set tasks.detection.score_threshold=0.5 # relabel + student + reports; teachers kept
   python jobs/pipeline.py --force student                          # retrain the student, redo what reads it
+  python jobs/pipeline.py --rounds 2                               # + relabel with the student, train a new one
 
 A step is skipped only when it finished under the same config values it reads and the same
 inputs (its identity, docs/pipeline.md); every skip and every rerun prints why. So rerunning a
@@ -16,19 +17,23 @@ from typing import Any
 
 from must_ray.cli import init_ray, job_parser, load_job_config, run_job
 
-STEPS = "world, teachers, label, student, evaluate, transfer"
+STEPS = "world, teachers, label, student, [label_r2, student_r2, ... with --rounds], evaluate, transfer"
 
 
 def main() -> dict:
     parser = job_parser(__doc__.splitlines()[0], "\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--out", metavar="DIR", help="root of every output (sets paths.root)")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="self-training rounds (sets rounds): round r > 1 relabels the pool with the round r-1 "
+                             "student and trains a fresh student on those labels (steps label_r<r>, student_r<r>)")
     parser.add_argument("--only", action="append", metavar="STEP",
                         help=f"run only this step (repeatable): {STEPS}")
     parser.add_argument("--force", action="append", default=[], metavar="STEP",
                         help="rerun this step even when it is up to date, and every step after it that reads it "
                              "(repeatable)")
     args = parser.parse_args()
-    cfg = load_job_config(args, [f"paths.root={args.out}"] if args.out else [])
+    cfg = load_job_config(args, ([f"paths.root={args.out}"] if args.out else [])
+                          + ([f"rounds={args.rounds}"] if args.rounds is not None else []))
 
     from must_ray.pipeline import plan_request, run_pipeline
 

@@ -29,8 +29,9 @@ DEFAULT_CONFIG = REPO_ROOT / "jobs" / "configs" / "demo.yaml"
 log = logging.getLogger("must_ray")
 
 
-def job_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
-    """An argument parser with the options every job has (``--config``, ``--set``)."""
+def job_parser(description: str, epilog: str = "", config_flag: bool = True) -> argparse.ArgumentParser:
+    """An argument parser with the options every job has (``--config`` unless ``config_flag`` is
+    false, ``--set``, ``--verbose``)."""
     parser = argparse.ArgumentParser(
         description=description,
         epilog=(epilog + "\n\n" if epilog else "")
@@ -39,8 +40,9 @@ def job_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
         "The job's last stdout line is a JSON summary of what it wrote and its headline metrics.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), metavar="PATH",
-                        help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
+    if config_flag:
+        parser.add_argument("--config", default=str(DEFAULT_CONFIG), metavar="PATH",
+                            help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(REPO_ROOT)})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key (dotted path; value parsed as YAML); repeatable")
     parser.add_argument("--verbose", action="store_true",

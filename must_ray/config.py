@@ -154,12 +154,18 @@ class ScheduleConfig:
 
 @dataclass
 class LossConfig:
-    """How the per-task losses add up: fixed weights, or learned ones (uncertainty, Kendall et al.)."""
+    """How the per-task losses add up: fixed weights, or learned ones (uncertainty, Kendall et al.),
+    optionally with teacher dropping (UNIC)."""
 
     weighting: Literal["fixed", "uncertainty"] = "fixed"
     weights: dict[str, float] = field(default_factory=dict)  # this run's task weights (default tasks.<t>.loss_weight)
+    # teacher dropping (UNIC): per image, every task but the one with the highest weighted loss has
+    # its label dropped with this probability; 0 = off
+    teacher_drop_p: float = 0.0
 
     def validate(self, key: str) -> None:
+        if not 0.0 <= self.teacher_drop_p < 1.0:
+            raise ConfigError(f"{key}.teacher_drop_p must be in [0, 1) (0 = off), got {self.teacher_drop_p}")
         for t, w in self.weights.items():
             if t not in _known_tasks():
                 raise ConfigError(f"{key}.weights.{t}: unknown task; known: {', '.join(_known_tasks())}")
@@ -444,6 +450,9 @@ class TransferConfig:
     random_backbone: bool = True  # add a random-init row (same architecture) to the table
     seed: int = 0
     batch_size: int = 64  # feature-extraction batch
+    # rows of backbones already probed here (same model bytes, settings and tables) are reused:
+    # experiments probe their shared teachers once; None = off
+    cache_dir: Optional[str] = None
 
     def validate(self, key: str) -> None:
         for t in self.tasks:
@@ -545,10 +554,15 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    # self-training rounds (Noisy Student's loop): round r > 1 relabels the pool with the round r-1
+    # student as the teacher of every task and trains a fresh student on those labels
+    rounds: int = 1
 
     def validate(self, key: str = "") -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"name must be a non-empty string without '/', got {self.name!r}")
+        if not 1 <= self.rounds <= 10:
+            raise ConfigError(f"rounds must be in [1, 10] (1 = teachers -> student only), got {self.rounds}")
 
 
 def _train_config_for(base: TrainConfig, changes: dict, key: str) -> TrainConfig:

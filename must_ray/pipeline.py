@@ -29,13 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from must_ray.config import Config, teacher_config
+from must_ray.config import Config, TeacherConfig, teacher_config
 from must_ray.evaluate.run import run_evaluation
 from must_ray.evaluate.transfer import run_transfer, write_transfer
 from must_ray.io import MODEL_FILE, is_uri, write_atomic
 from must_ray.label.run import check_label_paths, label_tasks, run_labeling
 from must_ray.label.teachers import default_teacher_path
 from must_ray.progress import progress_tag
+from must_ray.task_registry import registered_task_names
 from must_ray.train.driver import train
 from must_ray.typed_config import ConfigError, config_to_dict
 from must_ray.world.splits import write_split
@@ -65,7 +66,35 @@ def student_tasks(cfg: Config) -> list[str]:
 
 
 def student_model_path(cfg: Config) -> str:
+    """The model file of ``cfg``'s student (of round 1, or of the round :func:`round_config` made)."""
     return os.path.join(cfg.paths.resolve("student"), MODEL_FILE)
+
+
+def final_student_path(cfg: Config) -> str:
+    """The model file of the last round's student: the one evaluation and transfer score."""
+    return student_model_path(round_config(cfg, cfg.rounds))
+
+
+def round_config(cfg: Config, r: int) -> Config:
+    """The config of self-training round ``r`` (Noisy Student's loop). Round 1 is ``cfg``; from
+    round 2 on, the previous round's student is the teacher of every task (through the same
+    ``checkpoint`` teacher kind, one shared forward pass) and the round's labels and student get
+    folders of their own (``<paths.labels>_r<r>``, ``<paths.student>_r<r>``; a named
+    ``label.output`` or Ray Train ``run_name`` gets the same suffix). The student starts afresh."""
+    if r <= 1:
+        return cfg
+    previous = student_model_path(round_config(cfg, r - 1))
+    suffix = f"_r{r}"
+    label = dataclasses.replace(
+        cfg.label, teachers={t: TeacherConfig(kind="checkpoint", path=previous) for t in student_tasks(cfg)},
+        output=cfg.label.output.rstrip("/") + suffix if cfg.label.output else None)
+    checkpoint = cfg.student.checkpoint
+    if checkpoint.run_name:
+        checkpoint = dataclasses.replace(checkpoint, run_name=checkpoint.run_name + suffix)
+    paths = dataclasses.replace(cfg.paths, labels=cfg.paths.labels.rstrip("/") + suffix,
+                                student=cfg.paths.student.rstrip("/") + suffix)
+    return dataclasses.replace(cfg, label=label, paths=paths,
+                               student=dataclasses.replace(cfg.student, checkpoint=checkpoint))
 
 
 def _world_splits(cfg: Config) -> list[str]:
@@ -79,23 +108,53 @@ def _split_path(cfg: Config, name: str) -> str:
     return os.path.join(cfg.paths.resolve("world"), name)
 
 
+def split_reads(cfg: Config, name: str) -> dict[str, Any]:
+    """What rendering split ``name`` reads: the world (less its other splits and speed knobs), the
+    split's own config and its tasks' label encoding. Rendering is deterministic, so this is also
+    the identity of the split's content."""
+    split = cfg.world.splits[name]
+    return {"world": _without(cfg.world, OPERATIONAL_KEYS["world"] + ("splits",)), "split": config_to_dict(split),
+            "name": name, "task_modules": list(cfg.task_modules), "tasks": task_knobs(cfg, split.tasks, "world")}
+
+
+def split_identity(cfg: Config, name: str) -> str:
+    """The identity of split ``name``'s content (:func:`split_reads`; ``--force world`` renews it)."""
+    return identity({"reads": reads_payload(split_reads, cfg, name), "forced": _force_nonce(cfg, "world")})
+
+
 def run_world(cfg: Config) -> dict[str, Any]:
-    """Render the splits the run needs (teacher_<task>, unlabeled, test)."""
-    out = [write_split(cfg, name, _split_path(cfg, name)) for name in _world_splits(cfg)]
-    return {"splits": {s["split"]: s["rows"] for s in out}}
+    """Render the splits the run needs (teacher_<task>, unlabeled, test). A split already on disk
+    under the identity of its own config is kept: a changed pool size re-renders the pool only."""
+    out: dict[str, Any] = {}
+    for name in _world_splits(cfg):
+        ident, path = split_identity(cfg, name), _split_path(cfg, name)
+        marker = _read_marker(cfg, f"world/{name}") or {}
+        if marker.get("identity") == ident and os.path.isdir(path):
+            out[name] = {**marker.get("summary", {}), "skipped": "up to date"}
+            continue
+        s = write_split(cfg, name, path)
+        out[name] = {"rows": s["rows"]}
+        _write_marker(cfg, f"world/{name}", {"identity": ident, "summary": out[name]})
+    return {"splits": out}
+
+
+def teacher_identity(cfg: Config, task: str) -> str:
+    """The identity of ``task``'s trained teacher: its recipe (:func:`teacher_reads`) and its own
+    world split's content; ``--force teachers`` renews it."""
+    split = f"teacher_{task}"
+    return identity({"reads": reads_payload(teacher_reads, cfg, task), "forced": _force_nonce(cfg, "teachers"),
+                     "split": split_identity(cfg, split) if split in cfg.world.splits else ""})
 
 
 def run_teachers(cfg: Config) -> dict[str, Any]:
     """Train one specialised teacher per task on its own labelled split, ``teacher.concurrent_runs``
     at a time (independent Ray Train runs: on a 2-core laptop two one-thread teachers use both
     cores; on a cluster each run takes its own GPU workers). A teacher whose model exists under
-    the current identity of its own recipe (and the current world) is kept: one changed
-    ``teacher.per_task.<task>`` retrains that teacher only."""
-    world_token = (_read_marker(cfg, "world") or {}).get("token", "")
-    forced = _force_nonce(cfg, "teachers")
-
+    the current identity of its own recipe and its own world split is kept: one changed
+    ``teacher.per_task.<task>`` retrains that teacher only, and a re-rendered world retrains only
+    the teachers whose own split changed."""
     def one(task: str) -> tuple[str, dict[str, Any]]:
-        ident = identity({"reads": teacher_reads(cfg, task), "world": world_token, "forced": forced})
+        ident = teacher_identity(cfg, task)
         marker = _read_marker(cfg, f"teachers/{task}") or {}
         if os.path.isfile(default_teacher_path(cfg, task)) and marker.get("identity") == ident:
             return task, {**marker.get("summary", {}), "skipped": "up to date"}
@@ -120,13 +179,15 @@ def run_label(cfg: Config) -> dict[str, Any]:
     return {k: s.get(k) for k in ("output", "rows", "quarantined", "images_per_s", "wall_s")}
 
 
-def run_student(cfg: Config) -> dict[str, Any]:
-    """Train the multi-task student on the pseudo labels (plus any configured real-label tables)."""
+def run_student(cfg: Config, step: str = "student", label_step: str = "label") -> dict[str, Any]:
+    """Train the multi-task student on the pseudo labels (plus any configured real-label tables);
+    ``step`` / ``label_step``: this step's and its labels' step names (a later round's)."""
     data = [cfg.paths.resolve("labels")] + list(cfg.student.data)
     # The Ray Train run is named after the labels it learns from and its own recipe: new pseudo
     # labels or a changed recipe start a fresh run, a rerun of the same resumes (or re-exports) it.
-    label_token = (_read_marker(cfg, "label") or {}).get("token", "")
-    ident = identity({"reads": student_reads(cfg), "labels": label_token, "forced": _force_nonce(cfg, "student")})
+    label_token = (_read_marker(cfg, label_step) or {}).get("token", "")
+    ident = identity({"reads": reads_payload(student_reads, cfg), "labels": label_token,
+                      "forced": _force_nonce(cfg, step)})
     run_name = cfg.student.checkpoint.run_name or f"{cfg.name}-student-{ident[:8]}"
     s = train(cfg, "student", data=data, tasks=student_tasks(cfg), out_dir=cfg.paths.resolve("student"),
               run_name=run_name)
@@ -137,13 +198,13 @@ def run_student(cfg: Config) -> dict[str, Any]:
 def run_evaluate(cfg: Config) -> dict[str, Any]:
     """Score student and teachers on the test split; comparison table and pictures."""
     teachers = {t: default_teacher_path(cfg, t) for t in student_tasks(cfg)}
-    return run_evaluation(cfg, student=student_model_path(cfg), teachers=teachers,
+    return run_evaluation(cfg, student=final_student_path(cfg), teachers=teachers,
                           data=[_split_path(cfg, "test")], out_dir=cfg.paths.resolve("reports"))
 
 
 def run_transfer_step(cfg: Config) -> dict[str, Any]:
     """Frozen-backbone probes on a shifted domain: student vs each teacher vs random init."""
-    backbones = {"student": student_model_path(cfg)}
+    backbones = {"student": final_student_path(cfg)}
     backbones.update({f"teacher_{t}": default_teacher_path(cfg, t) for t in student_tasks(cfg)})
     result = run_transfer(cfg, backbones)
     files = write_transfer(cfg.paths.resolve("reports"), result)
@@ -229,7 +290,7 @@ def evaluate_reads(cfg: Config) -> dict[str, Any]:
 
 def transfer_reads(cfg: Config) -> dict[str, Any]:
     """What the transfer probes read: ``transfer``, the world they render its splits from, the tasks."""
-    return {"transfer": config_to_dict(cfg.transfer), "world": _without(cfg.world, OPERATIONAL_KEYS["world"]),
+    return {"transfer": _without(cfg.transfer, ("cache_dir",)), "world": _without(cfg.world, OPERATIONAL_KEYS["world"]),
             "tasks": task_knobs(cfg, student_tasks(cfg), "evaluate")}
 
 
@@ -237,8 +298,29 @@ def _label_afresh(cfg: Config) -> Config:
     return dataclasses.replace(cfg, label=dataclasses.replace(cfg.label, overwrite=True))
 
 
-def steps() -> list[Step]:
-    """The pipeline's steps, in order."""
+def round_steps(rounds: int) -> list[Step]:
+    """The steps of self-training rounds 2..``rounds``: relabel the pool with the previous round's
+    student (``label_r<r>``), train a fresh student on those labels (``student_r<r>``)."""
+    out = []
+    for r in range(2, rounds + 1):
+        previous = "student" if r == 2 else f"student_r{r - 1}"
+        out += [
+            Step(f"label_r{r}", f"relabel the pool with the round-{r - 1} student",
+                 lambda c, r=r: run_label(round_config(c, r)),
+                 lambda c, r=r: [round_config(c, r).paths.resolve("labels")], (previous,),
+                 reads=lambda c, r=r: label_reads(round_config(c, r)), fresh=_label_afresh, own_progress=True),
+            Step(f"student_r{r}", f"train the round-{r} student", lambda c, r=r: run_student(
+                     round_config(c, r), f"student_r{r}", f"label_r{r}"),
+                 lambda c, r=r: [student_model_path(round_config(c, r))], (f"label_r{r}",),
+                 reads=lambda c, r=r: student_reads(round_config(c, r)), own_progress=True),
+        ]
+    return out
+
+
+def steps(rounds: int = 1) -> list[Step]:
+    """The pipeline's steps, in order; ``rounds`` > 1 adds the later self-training rounds
+    (:func:`round_steps`) before the evaluation, which scores the last round's student."""
+    last = "student" if rounds <= 1 else f"student_r{rounds}"
     return [
         Step("world", "render the synthetic world", run_world,
              lambda c: [_split_path(c, n) for n in _world_splits(c)], reads=world_reads),
@@ -250,13 +332,33 @@ def steps() -> list[Step]:
              own_progress=True),
         Step("student", "train the multi-task student", run_student,
              lambda c: [student_model_path(c)], ("label",), reads=student_reads, own_progress=True),
+        *round_steps(rounds),
         Step("evaluate", "evaluate student vs teachers", run_evaluate,
-             lambda c: [os.path.join(c.paths.resolve("reports"), "metrics.json")], ("world", "teachers", "student"),
+             lambda c: [os.path.join(c.paths.resolve("reports"), "metrics.json")], ("world", "teachers", last),
              reads=evaluate_reads),
         Step("transfer", "transfer probes on a shifted domain", run_transfer_step,
-             lambda c: [os.path.join(c.paths.resolve("reports"), "transfer.json")], ("teachers", "student"),
+             lambda c: [os.path.join(c.paths.resolve("reports"), "transfer.json")], ("teachers", last),
              reads=transfer_reads),
     ]
+
+
+_DEFAULTS: dict[tuple[str, ...], Config] = {}
+
+
+def reads_payload(reads: Callable[..., dict[str, Any]], cfg: Config, *args: Any) -> dict[str, Any]:
+    """What an identity hashes of ``reads(cfg, *args)``: its values (flattened to dotted keys) that
+    differ from the same reads of the built-in defaults. So a key a newer must-ray adds, at its
+    default (new knobs default to the old behaviour), leaves every identity as it was, and an
+    upgrade does not redo finished work; a value set away from its default changes it."""
+    tasks = registered_task_names()  # the defaults of the tasks registered now (task_modules add some)
+    if tasks not in _DEFAULTS:
+        _DEFAULTS[tasks] = Config()
+    mine = _flatten(json.loads(json.dumps(reads(cfg, *args), default=str)))
+    try:
+        base = _flatten(json.loads(json.dumps(reads(_DEFAULTS[tasks], *args), default=str)))
+    except (KeyError, ConfigError):
+        base = {}
+    return {key: value for key, value in mine.items() if key not in base or base[key] != value}
 
 
 def identity(payload: Any) -> str:
@@ -270,7 +372,7 @@ def step_identities(cfg: Config, pipeline: Sequence[Step]) -> dict[str, str]:
     A pure function of the config (no files are read)."""
     out: dict[str, str] = {}
     for step in pipeline:
-        out[step.name] = identity({"step": step.name, "reads": step.reads(cfg),
+        out[step.name] = identity({"step": step.name, "reads": reads_payload(step.reads, cfg),
                                    "inputs": {n: out.get(n) for n in step.needs}})
     return out
 
@@ -368,12 +470,21 @@ class Progress:
         print("\n".join(lines), file=self.stream, flush=True)
 
 
+#: the folder under ``paths.root`` that holds the steps' markers
+MARKER_DIR = "_pipeline"
+
+
 def _marker_path(cfg: Config, name: str) -> str:
-    return os.path.join(cfg.paths.root, "_pipeline", f"{name}.json")
+    return os.path.join(cfg.paths.root, MARKER_DIR, f"{name}.json")
 
 
 def _read_marker(cfg: Config, name: str) -> Optional[dict]:
-    path = _marker_path(cfg, name)
+    return read_marker(cfg.paths.root, name)
+
+
+def read_marker(root: str, name: str) -> Optional[dict]:
+    """The marker of step ``name`` of the run under ``root`` (``None``: not finished, or unreadable)."""
+    path = os.path.join(root, MARKER_DIR, f"{name}.json")
     if not os.path.isfile(path):
         return None
     try:
@@ -406,7 +517,7 @@ def plan_request(cfg: Config, only: Optional[Sequence[str]] = None, pipeline: Op
             f"under paths.root with local file calls, so it must be a path (a mount every node shares on a "
             f"cluster); put the big outputs on object storage with --set paths.labels=s3://... and "
             f"--set teacher.checkpoint.storage_path=s3://... --set student.checkpoint.storage_path=s3://...")
-    all_steps = pipeline if pipeline is not None else steps()
+    all_steps = pipeline if pipeline is not None else steps(cfg.rounds)
     names = [s.name for s in all_steps]
     for flag, given in (("--only", only or []), ("--force", force)):
         for n in given:

@@ -99,6 +99,10 @@ def test_identity_holds_exactly_the_config_values_each_step_reads(tmp_path):
                                                                  "transfer"]
     assert after("student.optimizer.lr=0.01") == ["evaluate", "student", "transfer"]
     assert after("world.image_size=48") == list(sorted(ids))
+    # a key a newer version adds, at its default, leaves the identity alone; away from it, it counts
+    from must_ray.pipeline import reads_payload
+    assert reads_payload(lambda c: {"new": c.rounds}, load_config(None, base)) == {}
+    assert reads_payload(lambda c: {"new": c.rounds}, load_config(None, base + ["rounds=2"])) == {"new": 2}
     # how fast or where a step runs is not what it produces
     assert after("evaluate.use_ray=false", "label.actors=[1, 2]", "teacher.concurrent_runs=2",
                  "student.checkpoint.every_steps=7", "ray.num_cpus=1") == []
@@ -183,3 +187,51 @@ def test_a_uri_paths_root_is_refused_before_any_work_with_the_keys_that_can_be_u
     with pytest.raises(ConfigError, match=r"^paths\.root='s3://my-bucket/run1'.*paths\.labels=s3://") as exc:
         plan_request(cfg)
     assert "\n" not in str(exc.value)
+
+
+def test_a_split_s_identity_is_its_own_config_and_a_teacher_s_holds_its_own_split_only(tmp_path):
+    """A teacher's identity depends on its own world split, not on the pool or another teacher's
+    split, so a new pool size keeps every teacher (the world step then re-renders the pool only:
+    the experiment test runs that). ``--force world`` renews them all."""
+    from must_ray.pipeline import split_identity, teacher_identity
+
+    base = [f"paths.root={tmp_path}"]
+    cfg = load_config(None, base)
+    bigger = load_config(None, base + ["world.splits.unlabeled.num=4096"])
+    assert split_identity(bigger, "unlabeled") != split_identity(cfg, "unlabeled")
+    assert split_identity(bigger, "test") == split_identity(cfg, "test")
+    assert all(teacher_identity(bigger, t) == teacher_identity(cfg, t) for t in ("detection", "depth"))
+    depth_split = load_config(None, base + ["world.splits.teacher_depth.num=9"])
+    assert teacher_identity(depth_split, "depth") != teacher_identity(cfg, "depth")
+    assert teacher_identity(depth_split, "detection") == teacher_identity(cfg, "detection")
+    assert split_identity(load_config(None, base + ["world.image_size=48"]), "test") != split_identity(cfg, "test")
+    before = split_identity(cfg, "test"), teacher_identity(cfg, "depth")
+    (tmp_path / "_pipeline").mkdir()
+    (tmp_path / "_pipeline" / "world.started.json").write_text(json.dumps({"force_nonce": "abc"}))
+    after = split_identity(cfg, "test"), teacher_identity(cfg, "depth")
+    assert after[0] != before[0] and after[1] != before[1]
+
+
+def test_rounds_add_a_relabel_and_a_fresh_student_per_round_and_score_the_last(tmp_path):
+    from must_ray.pipeline import final_student_path, round_config
+
+    cfg = load_config(None, [f"paths.root={tmp_path}", "rounds=3", "student.checkpoint.run_name=mine"])
+    names = [s.name for s in steps(3)]
+    assert names == ["world", "teachers", "label", "student", "label_r2", "student_r2", "label_r3", "student_r3",
+                     "evaluate", "transfer"]
+    by_name = {s.name: s for s in steps(3)}
+    assert by_name["label_r3"].needs == ("student_r2",) and by_name["evaluate"].needs[-1] == "student_r3"
+    r2, r3 = round_config(cfg, 2), round_config(cfg, 3)
+    assert {t.path for t in r2.label.teachers.values()} == {str(tmp_path / "student" / "model.pt")}
+    assert {t.kind for t in r3.label.teachers.values()} == {"checkpoint"}
+    assert {t.path for t in r3.label.teachers.values()} == {str(tmp_path / "student_r2" / "model.pt")}
+    assert r3.paths.resolve("labels") == str(tmp_path / "labels_r3") and r3.student.checkpoint.run_name == "mine_r3"
+    assert final_student_path(cfg) == str(tmp_path / "student_r3" / "model.pt")
+    assert round_config(cfg, 1) is cfg
+
+    ids = step_identities(cfg, steps(3))
+    lr = step_identities(load_config(None, [f"paths.root={tmp_path}", "rounds=3", "student.checkpoint.run_name=mine",
+                                            "student.optimizer.lr=0.01"]), steps(3))
+    assert _changed(ids, lr) == ["evaluate", "label_r2", "label_r3", "student", "student_r2", "student_r3", "transfer"]
+    with pytest.raises(ConfigError, match=r"rounds must be in \[1, 10\]"):
+        load_config(None, ["rounds=0"])

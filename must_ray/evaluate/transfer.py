@@ -29,6 +29,8 @@ the transfer tasks' primary metric.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
 import time
@@ -39,18 +41,20 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
+from must_ray import __version__
 from must_ray.config import SplitConfig, TransferConfig
 from must_ray.evaluate.compare import beats
 from must_ray.evaluate.scoring import compute_metrics, score_batch
 from must_ray.images import decode_image, resize_rgb
 from must_ray.io import dumps_strict, fmt_number, md_table, write_atomic
 from must_ray.models import images_to_tensor, load_model
-from must_ray.models.export import read_model_header
+from must_ray.models.export import file_sha256, read_model_header
 from must_ray.models.multitask import FPN, build_backbone
 from must_ray.progress import ProgressLine, current_tag
-from must_ray.table import decode_column, open_table, table_classes
+from must_ray.table import decode_column, open_table, table_classes, table_files
 from must_ray.tasks import Task, build_task, get_task_class, probe_task_names
 from must_ray.tasks.base import Crop
+from must_ray.typed_config import config_to_dict
 from must_ray.world.splits import write_split
 
 DEFAULT_RIDGE = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -307,9 +311,10 @@ def transfer_evaluate(backbones: Mapping[str, Optional[str]], train_table: str, 
     fit each task's probe on ``train_table`` and score it on ``test_table``.
 
     ``tc``: the probe settings (``tasks``, ``features``, ``pixels_per_image``, ``ridge``,
-    ``val_fraction``, ``seed``, ``batch_size``; default ``TransferConfig()``); its ``tasks`` default
-    to every registered task with a light probe (``Task.probe``), and only tasks with labels in
-    both tables are probed. ``domain`` is recorded in the result. Returns
+    ``val_fraction``, ``seed``, ``batch_size``; default ``TransferConfig()``; with ``cache_dir``, a
+    row already probed for the same backbone file, settings and table bytes is read from there);
+    its ``tasks`` default to every registered task with a light probe (``Task.probe``), and only
+    tasks with labels in both tables are probed. ``domain`` is recorded in the result. Returns
     ``{"tasks", "columns": {task: primary metric}, "higher_is_better": {task: bool}, "rows": [{
     "backbone", "source", "values": {task: primary}, "metrics": {task: {...}}, "lambda",
     "extract_s"}], "best": {task: row name}, "train_table", "test_table", "train_rows",
@@ -338,10 +343,20 @@ def transfer_evaluate(backbones: Mapping[str, Optional[str]], train_table: str, 
     test = (test_images, {t: test_labels[t] for t in probed})
     reference = next((s for s in backbones.values() if s and not str(s).startswith(RANDOM)), None)
     line = ProgressLine(current_tag("transfer"), len(backbones), "backbones", every_s=0.0)
+    inputs = {"tables": [_table_digest(train_table), _table_digest(test_table)], "tasks": probed,
+              "num_classes": num_classes, "max": [max_train, max_test]}
     rows = []
     for name, spec in backbones.items():
-        rows.append(_probe_backbone(name, spec, reference, task_objs, train, test, tc))
-        line.update(len(rows), extra=f" ({name} probed)")
+        key = _row_key(spec, reference, tc, inputs) if tc.cache_dir else None
+        row = _cached_row(tc.cache_dir, key) if key else None
+        cached = row is not None
+        if row is None:
+            row = _probe_backbone(name, spec, reference, task_objs, train, test, tc)
+            if key:
+                os.makedirs(tc.cache_dir, exist_ok=True)
+                write_atomic(os.path.join(tc.cache_dir, f"{key}.json"), dumps_strict(row))
+        rows.append({**row, "backbone": name, "cached": cached})
+        line.update(len(rows), extra=f" ({name} {'from the cache' if cached else 'probed'})")
     return {
         "tasks": probed,
         "columns": {t: task_objs[t].primary_metric for t in probed},
@@ -354,6 +369,37 @@ def transfer_evaluate(backbones: Mapping[str, Optional[str]], train_table: str, 
                   "lambdas": list(tc.ridge), "val_fraction": tc.val_fraction, "seed": tc.seed},
         "wall_s": round(time.time() - start, 3),
     }
+
+
+def _table_digest(path: str) -> str:
+    """A hash of a local table's bytes (its Parquet files in order); a URI table by its name."""
+    if "://" in str(path):
+        return str(path)
+    _, files = table_files(str(path))
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+
+
+def _row_key(spec: Optional[str], reference: Optional[str], tc: TransferConfig, inputs: Mapping[str, Any]) -> str:
+    """What a transfer row is a function of: the backbone (its file's bytes; a random one by its
+    architecture source and seed), the probe settings and the tables' bytes."""
+    random = spec is None or spec == RANDOM or str(spec).startswith(RANDOM + ":")
+    if not random:
+        backbone: dict[str, Any] = {"file": file_sha256(str(spec))}
+    else:
+        ref = read_model_header(reference) if reference and ":" not in str(spec or "") else {}
+        backbone = {"random": str(spec), "arch": ref.get("backbone"), "fpn_channels": ref.get("fpn_channels")}
+    settings = {k: v for k, v in config_to_dict(tc).items() if k != "cache_dir"}
+    payload = {"backbone": backbone, "settings": settings, "inputs": inputs, "version": __version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _cached_row(cache_dir: str, key: str) -> Optional[dict[str, Any]]:
+    path = os.path.join(cache_dir, f"{key}.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _probe_backbone(name: str, spec: Optional[str], reference: Optional[str], task_objs: Mapping[str, Task],

@@ -11,6 +11,7 @@ The training jobs' flags (:func:`must_ray.cli.add_train_flags`) are shorthands f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -118,6 +119,7 @@ def plan_run(cfg: Config, role: str, data: Optional[Sequence[str]], tasks: Optio
     output and storage locations (refused when node-local on a multi-node cluster), the run name."""
     if role == "teacher" and tasks and len(tasks) == 1:
         cfg = teacher_config(cfg, tasks[0])  # that teacher's recipe (teacher.per_task)
+    cfg = absolute_model_files(cfg, role)
     tcfg, data, names, classes, rows = _resolve_inputs(cfg, role, data, tasks)
     if out_dir is None:
         out_dir = cfg.paths.resolve("teachers") + f"/{names[0]}" if role == "teacher" else cfg.paths.resolve("student")
@@ -129,6 +131,19 @@ def plan_run(cfg: Config, role: str, data: Optional[Sequence[str]], tasks: Optio
                      storage=default_storage_path(tcfg, out_dir))
     check_shared_storage([(f"{role}.checkpoint.storage_path", plan.storage), ("--out", out_dir)])
     return plan
+
+
+def absolute_model_files(cfg: Config, role: str) -> Config:
+    """``cfg`` with ``<role>.model.init_checkpoint`` and ``backbone_weights`` made absolute when
+    they are local paths: the workers open them, and a worker's working directory is not the
+    driver's (a relative path the driver had checked was not found there)."""
+    model = getattr(cfg, role).model
+    files = {k: os.path.abspath(v) for k in ("init_checkpoint", "backbone_weights")
+             if (v := getattr(model, k)) and not is_uri(v)}
+    if not files:
+        return cfg
+    section = dataclasses.replace(getattr(cfg, role), model=dataclasses.replace(model, **files))
+    return dataclasses.replace(cfg, **{role: section})
 
 
 def _resolve_inputs(cfg: Config, role: str, data: Optional[Sequence[str]], tasks: Optional[Sequence[str]]):

@@ -37,7 +37,7 @@ def build_module(cfg: Config, tcfg: TrainConfig, task_names: Sequence[str],
     model = MultiTaskModel(mcfg.backbone, tasks, fpn_channels=mcfg.fpn_channels, pretrained=mcfg.pretrained,
                            weights_path=mcfg.backbone_weights)
     weights = {t: tcfg.loss.weights.get(t, cfg.tasks[t].loss_weight if t in cfg.tasks else 1.0) for t in task_names}
-    weighting = TaskWeighting(task_names, weights, tcfg.loss.weighting)
+    weighting = TaskWeighting(task_names, weights, tcfg.loss.weighting, tcfg.loss.teacher_drop_p, tcfg.seed)
     return tasks, TrainModule(model, weighting)
 
 
@@ -46,7 +46,8 @@ def train_step(raw: TrainModule, wrapped: nn.Module, tasks: dict, images_u8: tor
                ema: Optional[ModelEmaV3] = None, step: int = 0, channels_last: bool = False,
                autocast: Optional[Callable] = None) -> tuple[torch.Tensor, dict]:
     """One optimiser step on a collated batch: forward (``wrapped``: DDP or the module itself), masked
-    per-task losses, weighting, backward, absent tasks' gradients dropped (AdamW skips them),
+    per-task losses (after teacher dropping when ``loss.teacher_drop_p`` > 0), weighting, backward,
+    absent tasks' gradients dropped (AdamW skips them),
     clipping, optimiser + scheduler step, EMA. ``present[t]``: the *global* batch has a label for
     ``t`` (absent heads run in eval mode); ``step``: this step's 0-based index. Returns
     ``(total loss, {task: loss})``."""
@@ -59,6 +60,8 @@ def train_step(raw: TrainModule, wrapped: nn.Module, tasks: dict, images_u8: tor
         outputs = wrapped(images)
     if autocast is not None:
         outputs = to_float32(outputs)  # the losses in fp32 after a bf16 forward
+    if raw.weighting.drop_p > 0:
+        targets = {**targets, **raw.weighting.drop_tasks(tasks, outputs, targets, step)}
     losses = {t: tasks[t].loss(outputs[t], targets[t]) for t in task_names}
     total = raw.weighting(losses, present)
     optimizer.zero_grad(set_to_none=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 
@@ -258,6 +260,17 @@ def test_transfer_table_random_vs_pretrained_backbone(demo_config, tmp_path):
     assert set(beats_all(res, "depth_pretrained")) == set(probe_tasks)
     again = transfer_evaluate({"random": "random:test_resnet"}, train, test, TransferConfig(tasks=["depth"]))
     assert again["rows"][0]["values"]["depth"] == res["rows"][1]["values"]["depth"]  # deterministic (seeded)
+    cache = TransferConfig(cache_dir=str(tmp_path / "cache"))
+    probed = transfer_evaluate({"depth_pretrained": pre, "random": "random"}, train, test, cache)
+    reused = transfer_evaluate({"again": pre, "random": "random"}, train, test, cache)
+    assert [r["cached"] for r in probed["rows"] + reused["rows"]] == [False, False, True, True]
+    assert [r["values"] for r in reused["rows"]] == [r["values"] for r in res["rows"]]
+    assert reused["rows"][0]["backbone"] == "again" and len(os.listdir(tmp_path / "cache")) == 2
+    shutil.copy(pre, tmp_path / "other.pt")
+    with open(tmp_path / "other.pt", "ab") as f:
+        f.write(b"\0")  # other bytes: another backbone
+    other = transfer_evaluate({"other": str(tmp_path / "other.pt")}, train, test, cache)
+    assert other["rows"][0]["cached"] is False
     files = write_transfer(str(tmp_path / "rep"), res)
     _no_constants(open(files["transfer_json"]).read())
     md = transfer_markdown(res)

@@ -133,3 +133,23 @@ def test_evaluate_job_answers_a_non_model_student_with_exit_2(tmp_path):
                            "--set", f"paths.root={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and f"--student: {path} is not a must-ray model file" in proc.stderr
+
+
+def test_a_timm_weights_file_initialises_the_backbone(tmp_path):
+    """``model.backbone_weights``: a plain timm state-dict file (a classifier's, head included) is
+    what the backbone starts from, through timm's own pretrained path; a missing file is named."""
+    import timm
+
+    from must_ray.models.multitask import build_backbone
+
+    torch.manual_seed(11)
+    donor = timm.create_model("test_resnet")
+    torch.save(donor.state_dict(), tmp_path / "resnet.pth")
+    loaded = build_backbone("test_resnet", weights_path=str(tmp_path / "resnet.pth")).state_dict()
+    shared = [k for k in loaded if k in donor.state_dict()]
+    assert len(shared) > 10 and all(torch.equal(loaded[k], donor.state_dict()[k]) for k in shared)
+    fresh = build_backbone("test_resnet").state_dict()
+    convs = [k for k in shared if loaded[k].ndim == 4]
+    assert convs and not any(torch.equal(fresh[k], loaded[k]) for k in convs)  # not the random init
+    with pytest.raises(FileNotFoundError, match="backbone weights file not found"):
+        build_backbone("test_resnet", weights_path=str(tmp_path / "nope.pth"))

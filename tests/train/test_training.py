@@ -347,3 +347,65 @@ def test_ema_is_timm_model_ema_with_the_usual_warmup():
         for k in reference.keys() - set(floats):
             reference[k].copy_(current[k])
     assert _same(ema.module.state_dict(), reference)
+
+
+def test_teacher_dropping_keeps_each_image_its_worst_task_and_drops_the_others_at_rate_p(tmp_path):
+    """``loss.teacher_drop_p``: each labelled image keeps the task with its highest weighted loss
+    (computed here independently, one image at a time) and loses each other task's label at about
+    rate p; the draw is a function of the step, so a resumed run drops the same labels; steps train."""
+    names = ["classification", "segmentation", "depth"]
+    cfg = make_cfg(tmp_path, "student", {"schedule.max_steps": 4, "global_batch_size": 16,
+                                         "loss.teacher_drop_p": 0.5, "loss.weights": {"depth": 3.0}})
+    table = world_table(cfg, "test", tmp_path / "table", 48, tasks=names)
+    classes = table_classes([table])
+    run = RunSpec(config=config_to_dict(cfg), role="student", tasks=names, classes=classes, num_rows=48,
+                  image_size=32, run_name="drop", data=[table], experiment_dir=str(tmp_path / "run"))
+    collate = TrainCollate(names, len(classes), cfg.tasks, image_size=32, seed=0)
+    from must_ray.models import images_to_tensor
+    from must_ray.train.collate import split_batch
+
+    trainer = Trainer(run)
+    trainer.build()
+    images, targets = split_batch(collate(conform(pq.read_table(table), names)))
+    weighting = trainer.module.weighting
+    with torch.no_grad():
+        outputs = trainer.module(images_to_tensor(images))
+    worst = []
+    for i in range(48):
+        one = {t: weighting.fixed[t] * float(trainer.tasks[t].loss(
+            {k: v[i:i + 1] for k, v in outputs[t].items()} if isinstance(outputs[t], dict) else outputs[t][i:i + 1],
+            {k: v[i:i + 1] for k, v in targets[t].items()})) for t in names}
+        worst.append(max(one, key=one.get))
+    kept = weighting.drop_tasks(trainer.tasks, outputs, targets, step=3)
+    for i in range(48):
+        assert bool(kept[worst[i]]["mask"][i]), (i, worst[i])
+    others = [bool(kept[t]["mask"][i]) for i in range(48) for t in names if t != worst[i]]
+    assert 0.3 < sum(others) / len(others) < 0.7
+    again = weighting.drop_tasks(trainer.tasks, outputs, targets, step=3)
+    later = weighting.drop_tasks(trainer.tasks, outputs, targets, step=4)
+    assert all(torch.equal(again[t]["mask"], kept[t]["mask"]) for t in names)
+    assert any(not torch.equal(later[t]["mask"], kept[t]["mask"]) for t in names)
+
+    before = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    batches = [collate(conform(pq.read_table(table), names).slice(16 * i, 16)) for i in range(2)]
+    for batch in batches:
+        trainer.train_step(batch)
+    assert trainer.step == 2 and not _same(before, trainer.module.state_dict())
+    with pytest.raises(ConfigError, match=r"student.loss.teacher_drop_p must be in \[0, 1\)"):
+        make_cfg(tmp_path, "student", {"loss.teacher_drop_p": 1.0})
+
+
+def test_model_files_are_handed_to_the_workers_as_absolute_paths(tmp_path, monkeypatch):
+    """A relative ``student.model.init_checkpoint`` (or ``backbone_weights``) the driver checked is
+    opened by workers whose working directory is another: the run config carries absolute paths."""
+    from must_ray.train.driver import absolute_model_files
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(tmp_path, "student", extra=["student.model.init_checkpoint=models/a.pt",
+                                               "student.model.backbone_weights=w/r.pth",
+                                               "teacher.model.init_checkpoint=s3://bucket/t.pt"])
+    fixed = absolute_model_files(cfg, "student")
+    assert fixed.student.model.init_checkpoint == str(tmp_path / "models" / "a.pt")
+    assert fixed.student.model.backbone_weights == str(tmp_path / "w" / "r.pth")
+    assert absolute_model_files(cfg, "teacher").teacher.model.init_checkpoint == "s3://bucket/t.pt"
+    assert absolute_model_files(load_config(CONFIG), "student") == load_config(CONFIG)
