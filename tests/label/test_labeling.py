@@ -24,6 +24,7 @@ from must_ray.label.inputs import list_inputs, plan_table, prepare_shard, resolv
 from must_ray.label.run import LabelRun, run_labeling
 from must_ray.label.store import OutputStore
 from must_ray.models import MultiTaskModel, file_sha256, images_to_tensor, load_model, save_model
+from must_ray.models.precision import autocast, resolve_precision, to_float32
 from must_ray.table import read_provenance, validate_table
 from must_ray.tasks import build_tasks, registered_task_names
 from must_ray.typed_config import ConfigError
@@ -88,7 +89,9 @@ def test_label_image_files_one_row_each_and_labels_equal_the_model_outside_ray(w
     assert hashes["depth"] == file_sha256(str(tmp_path / "teachers" / "depth" / "model.pt"))
     assert prov["thresholds"]["detection"]["score_threshold"] == 0.05
 
-    # the same models outside Ray, on the same decoded images, in the same batches
+    # the same models outside Ray, on the same decoded images, in the same batches, at the precision
+    # label.precision resolves to on this CPU (bf16 autocast where it has native bf16 units)
+    precision = resolve_precision(cfg.label.precision, "cpu")
     rows = table.to_pylist()
     models = {}
     for task in TASKS:
@@ -101,7 +104,9 @@ def test_label_image_files_one_row_each_and_labels_equal_the_model_outside_ray(w
         with torch.no_grad():
             for task, (model, info) in models.items():
                 x = images_to_tensor(batch, channels_last=True)
-                labels = info["tasks"][task].predict(model(x, tasks=[task])[task], (64, 64))
+                with autocast(precision, "cpu"):
+                    raw = to_float32(model(x, tasks=[task])[task])
+                labels = info["tasks"][task].predict(raw, (64, 64))
                 for j, label in enumerate(labels):
                     cells = info["tasks"][task].encode(label)
                     for col, value in cells.items():

@@ -22,6 +22,7 @@ from must_ray.label.teachers.kinds.timm_classifier import TimmClassifierTeacher
 from must_ray.label.teachers.kinds.torchvision_detector import TorchvisionDetectorTeacher
 from must_ray.label.teachers.kinds.torchvision_segmenter import TorchvisionSegmenterTeacher
 from must_ray.models import MultiTaskModel, file_sha256, images_to_tensor, save_model
+from must_ray.models.precision import autocast, resolve_precision, to_float32
 from must_ray.table import rows_to_table, validate_table
 from must_ray.tasks import build_task, build_tasks
 from must_ray.tasks.classification import ClassificationConfig
@@ -72,8 +73,9 @@ def test_checkpoint_teachers_share_a_file_hash_and_match_direct_forward(tmp_path
     assert specs[0].sha256 == file_sha256(path) and classes == list(CATEGORIES)
     images = _images(3)
     out = TeacherSet(specs, cfg, classes, 64).predict(images)
-    with torch.no_grad():  # teachers run in channels_last memory format (faster CPU convolutions)
-        raw = shared.to(memory_format=torch.channels_last)(images_to_tensor(images, channels_last=True))
+    precision = resolve_precision(cfg.label.precision, "cpu")  # bf16 autocast where the CPU has native bf16
+    with torch.no_grad(), autocast(precision, "cpu"):  # teachers run channels_last (faster CPU convolutions)
+        raw = to_float32(shared.to(memory_format=torch.channels_last)(images_to_tensor(images, channels_last=True)))
     cls = build_task("classification", 5, cfg.tasks["classification"]).predict(raw["classification"], (64, 64))
     for a, b in zip(out["classification"], cls):
         assert len(a["topk_ids"]) == 3 and np.array_equal(a["topk_ids"], b["topk_ids"])
