@@ -25,6 +25,7 @@ import yaml
 
 from must_ray.config import Config, load_config
 from must_ray.io import fmt_number, is_uri, md_table, write_atomic
+from must_ray.label.store import OutputStore
 from must_ray.pipeline import MARKER_DIR, read_marker, run_pipeline, steps
 from must_ray.typed_config import ConfigError, build_dataclass
 
@@ -118,15 +119,16 @@ def _marker_names(root: str) -> list[str]:
 
 
 def seed_arm(seed: Config, arm: Config) -> bool:
-    """Give ``arm``'s root a copy of the seed's world, teachers, labels and their step markers
-    (once: an arm seeded before keeps its own state). A copy interrupted halfway is redone.
-    Returns whether it copied."""
+    """Give ``arm``'s root a copy of the seed's world, teachers, labels (with the label store's
+    manifest and quarantine beside them) and their step markers (once: an arm seeded before keeps
+    its own state). A copy interrupted halfway is redone. Returns whether it copied."""
     folder = os.path.join(arm.paths.root, MARKER_DIR)
     if os.path.isfile(os.path.join(folder, SEEDED_MARKER)):
         return False
     sources = [(seed.paths.resolve(n), arm.paths.resolve(n)) for n in SEED_OUTPUTS]
-    labels = seed.paths.resolve("labels")
-    sources.append((f"{labels.rstrip('/')}_manifest", f"{arm.paths.resolve('labels').rstrip('/')}_manifest"))
+    seed_labels, arm_labels = OutputStore(seed.paths.resolve("labels")), OutputStore(arm.paths.resolve("labels"))
+    sources += [(seed_labels.manifest_dir, arm_labels.manifest_dir),
+                (seed_labels.quarantine_dir, arm_labels.quarantine_dir)]
     for name in _marker_names(seed.paths.root):
         sources.append((os.path.join(seed.paths.root, MARKER_DIR, name), os.path.join(folder, name)))
     for src, dst in sources:
@@ -239,7 +241,8 @@ def plot_results(spec: ExperimentSpec, results: dict[str, dict[str, Any]], path:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    points = sorted((r["x"], r) for r in results.values() if isinstance(r.get("x"), (int, float)))
+    points = sorted(((r["x"], r) for r in results.values() if isinstance(r.get("x"), (int, float))),
+                    key=lambda point: point[0])
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for task in _task_order(results, "tasks"):

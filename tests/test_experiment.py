@@ -13,7 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from must_ray.experiment import arm_config, load_experiment, report_experiment, run_experiment
+from must_ray.experiment import (
+    arm_config,
+    load_experiment,
+    plot_results,
+    report_experiment,
+    run_experiment,
+    seed_arm,
+    seed_config,
+)
 from must_ray.table import read_provenance
 from must_ray.typed_config import ConfigError
 from tests.conftest import REPO
@@ -109,3 +117,32 @@ def test_a_bad_experiment_file_is_one_line_before_ray_starts(tmp_path):
         arm_config(spec, base, "b")
     with pytest.raises(ConfigError, match="--arm c: no such arm; arms: a, b"):
         arm_config(spec, base, "c")
+
+
+def test_an_arm_copies_the_labels_with_their_manifest_and_quarantine_once(tmp_path):
+    spec, base = load_experiment(_experiment(tmp_path, {"a": {"student.schedule.max_steps": 2}}))
+    seed, arm = seed_config(spec, base), arm_config(spec, base, "a")
+    files = {"labels/part-000000.parquet": b"p", "labels_manifest/SUCCESS.json": b"{}",
+             "labels_quarantine/quarantine-000000.parquet": b"q", "teachers/depth/model.pt": b"m",
+             "teachers/depth/ray_train/checkpoint": b"c", "world/test/part-0.parquet": b"w",
+             "_pipeline/label.json": b"{}", "_pipeline/world/test.json": b"{}"}
+    for name, data in files.items():
+        (tmp_path / "seed" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "seed" / name).write_bytes(data)
+    assert seed_arm(seed, arm)
+    copied = tmp_path / "exp" / "a"
+    assert {n: (copied / n).read_bytes() for n in files if "ray_train" not in n} == {
+        n: d for n, d in files.items() if "ray_train" not in n}
+    assert not (copied / "teachers" / "depth" / "ray_train").exists()
+    (copied / "labels" / "part-000000.parquet").write_bytes(b"the arm's own")
+    assert not seed_arm(seed, arm) and (copied / "labels" / "part-000000.parquet").read_bytes() == b"the arm's own"
+
+
+def test_the_plot_takes_arms_that_share_an_x(tmp_path):
+    spec, _ = load_experiment(_experiment(tmp_path, {"a": {}, "b": {}}))
+    def arm(student):
+        return {"x": 16, "tasks": {"depth": {"metric": "abs_rel", "student": student, "teacher": 0.2,
+                                             "ratio": student / 0.2, "higher_is_better": False}}}
+
+    plot_results(spec, {"a": arm(0.2), "b": arm(0.3)}, str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
