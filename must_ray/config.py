@@ -18,6 +18,7 @@ from must_ray.io import is_uri
 from must_ray.task_registry import (
     TaskConfigs,
     default_task_configs,
+    default_task_names,
     load_task_modules,
     probe_task_names,
     registered_task_names,
@@ -72,7 +73,7 @@ class SplitConfig:
 
 
 def _default_splits() -> dict[str, SplitConfig]:
-    names = _known_tasks()
+    names = default_task_names()
     splits = {f"teacher_{t}": SplitConfig(num=256, seed_offset=1000 * (i + 1), tasks=[t]) for i, t in enumerate(names)}
     splits["unlabeled"] = SplitConfig(num=1024, seed_offset=100_000, tasks=[])
     splits["test"] = SplitConfig(num=128, seed_offset=900_000, tasks=list(names))
@@ -305,9 +306,10 @@ class TrainConfig:
 class TeacherConfig:
     """Where one task's teacher comes from when labelling."""
 
-    kind: Literal["checkpoint", "timm", "torchvision_detector", "torchvision_segmenter", "random"] = "checkpoint"
+    kind: Literal["checkpoint", "timm", "torchvision_detector", "torchvision_segmenter", "backbone",
+                  "random"] = "checkpoint"
     path: Optional[str] = None  # checkpoint / weights file; default for kind=checkpoint: the trained teacher
-    model_name: Optional[str] = None  # timm / torchvision model name for off-the-shelf kinds
+    model_name: Optional[str] = None  # timm / torchvision model name for off-the-shelf kinds (and a timm backbone)
     class_map: dict[str, int] = field(default_factory=dict)  # off-the-shelf class name/id -> our class id
     pretrained: bool = False  # off-the-shelf kinds without `path`: the hub's weights (needs internet)
     num_classes: Optional[int] = None  # off-the-shelf model's output classes; None = ours (+1 background)
@@ -315,6 +317,12 @@ class TeacherConfig:
     seed: int = 0  # kind=random: init seed (every actor builds the same weights)
 
     def validate(self, key: str) -> None:
+        if self.kind == "backbone" and not (self.path or self.model_name):
+            raise ConfigError(f"{key}: kind='backbone' needs a must-ray model file ({key}.path) or a timm "
+                              f"backbone ({key}.model_name, with a weights file {key}.path or {key}.pretrained=true)")
+        if self.kind == "backbone" and self.model_name and not (self.path or self.pretrained):
+            raise ConfigError(f"{key}: kind='backbone' with model_name={self.model_name!r} needs a weights file "
+                              f"({key}.path) or {key}.pretrained=true")
         if self.kind in ("timm", "torchvision_detector", "torchvision_segmenter") and not self.model_name:
             raise ConfigError(f"{key}.model_name is required for kind={self.kind!r}")
         if self.kind in ("timm", "torchvision_detector", "torchvision_segmenter") and not (self.path or self.pretrained):
@@ -329,7 +337,7 @@ class TeacherConfig:
 
 
 def _default_teachers() -> dict[str, TeacherConfig]:
-    return {t: TeacherConfig() for t in _known_tasks()}
+    return {t: TeacherConfig() for t in default_task_names()}
 
 
 @dataclass

@@ -36,7 +36,7 @@ from must_ray.io import MODEL_FILE, is_uri, write_atomic
 from must_ray.label.run import check_label_paths, label_tasks, run_labeling
 from must_ray.label.teachers import default_teacher_path
 from must_ray.progress import progress_tag
-from must_ray.task_registry import registered_task_names
+from must_ray.task_registry import get_task_class, registered_task_names
 from must_ray.train.driver import train
 from must_ray.typed_config import ConfigError, config_to_dict
 from must_ray.world.splits import write_split
@@ -63,6 +63,12 @@ class Step:
 def student_tasks(cfg: Config) -> list[str]:
     """Tasks of the run: the student's configured tasks, or every task that has a teacher."""
     return list(cfg.student.tasks or label_tasks(cfg))
+
+
+def trained_teacher_tasks(cfg: Config) -> list[str]:
+    """The tasks whose teacher the run trains, each on its own ``teacher_<task>`` split: every task
+    of the run but the opt-in ones (``Task.opt_in``: ``features``), whose teacher the config names."""
+    return [t for t in student_tasks(cfg) if not get_task_class(t).opt_in]
 
 
 def student_model_path(cfg: Config) -> str:
@@ -98,7 +104,7 @@ def round_config(cfg: Config, r: int) -> Config:
 
 
 def _world_splits(cfg: Config) -> list[str]:
-    names = [f"teacher_{t}" for t in student_tasks(cfg)] + ["test"]
+    names = [f"teacher_{t}" for t in trained_teacher_tasks(cfg)] + ["test"]
     if not cfg.label.input:
         names.append("unlabeled")
     return names
@@ -167,7 +173,7 @@ def run_teachers(cfg: Config) -> dict[str, Any]:
         _write_marker(cfg, f"teachers/{task}", {"identity": ident, "summary": summary})
         return task, summary
 
-    tasks = student_tasks(cfg)
+    tasks = trained_teacher_tasks(cfg)
     with ThreadPoolExecutor(max(1, min(cfg.teacher.concurrent_runs, len(tasks)))) as pool:
         # each run in the step's context: its progress tag (the training runs draw their own lines)
         return dict(pool.map(lambda task: contextvars.copy_context().run(one, task), tasks))
@@ -197,7 +203,7 @@ def run_student(cfg: Config, step: str = "student", label_step: str = "label") -
 
 def run_evaluate(cfg: Config) -> dict[str, Any]:
     """Score student and teachers on the test split; comparison table and pictures."""
-    teachers = {t: default_teacher_path(cfg, t) for t in student_tasks(cfg)}
+    teachers = {t: default_teacher_path(cfg, t) for t in trained_teacher_tasks(cfg)}
     return run_evaluation(cfg, student=final_student_path(cfg), teachers=teachers,
                           data=[_split_path(cfg, "test")], out_dir=cfg.paths.resolve("reports"))
 
@@ -205,7 +211,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
 def run_transfer_step(cfg: Config) -> dict[str, Any]:
     """Frozen-backbone probes on a shifted domain: student vs each teacher vs random init."""
     backbones = {"student": final_student_path(cfg)}
-    backbones.update({f"teacher_{t}": default_teacher_path(cfg, t) for t in student_tasks(cfg)})
+    backbones.update({f"teacher_{t}": default_teacher_path(cfg, t) for t in trained_teacher_tasks(cfg)})
     result = run_transfer(cfg, backbones)
     files = write_transfer(cfg.paths.resolve("reports"), result)
     return {"files": files, "table": result.get("table", result.get("rows"))}
@@ -255,7 +261,7 @@ def task_knobs(cfg: Config, tasks: Sequence[str], role: str) -> dict[str, Any]:
 def world_reads(cfg: Config) -> dict[str, Any]:
     """What the world step reads: the world, the splits the run needs, the tasks' label encoding."""
     return {"world": _without(cfg.world, OPERATIONAL_KEYS["world"]), "splits": _world_splits(cfg),
-            "task_modules": list(cfg.task_modules), "tasks": task_knobs(cfg, student_tasks(cfg), "world")}
+            "task_modules": list(cfg.task_modules), "tasks": task_knobs(cfg, trained_teacher_tasks(cfg), "world")}
 
 
 def teacher_reads(cfg: Config, task: str) -> dict[str, Any]:
@@ -267,7 +273,7 @@ def teacher_reads(cfg: Config, task: str) -> dict[str, Any]:
 
 def teachers_reads(cfg: Config) -> dict[str, Any]:
     """What the teachers step reads: every teacher's :func:`teacher_reads`."""
-    return {task: teacher_reads(cfg, task) for task in student_tasks(cfg)}
+    return {task: teacher_reads(cfg, task) for task in trained_teacher_tasks(cfg)}
 
 
 def label_reads(cfg: Config) -> dict[str, Any]:
@@ -325,7 +331,7 @@ def steps(rounds: int = 1) -> list[Step]:
         Step("world", "render the synthetic world", run_world,
              lambda c: [_split_path(c, n) for n in _world_splits(c)], reads=world_reads),
         Step("teachers", "train one teacher per task", run_teachers,
-             lambda c: [default_teacher_path(c, t) for t in student_tasks(c)], ("world",), reads=teachers_reads,
+             lambda c: [default_teacher_path(c, t) for t in trained_teacher_tasks(c)], ("world",), reads=teachers_reads,
              own_progress=True),
         Step("label", "pseudo-label the pool with every teacher", run_label,
              lambda c: [c.paths.resolve("labels")], ("world", "teachers"), reads=label_reads, fresh=_label_afresh,

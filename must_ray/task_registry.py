@@ -97,6 +97,13 @@ def registered_task_names() -> tuple[str, ...]:
     return tuple(known + sorted(n for n in _REGISTRY if n not in CANONICAL_ORDER))
 
 
+def default_task_names() -> tuple[str, ...]:
+    """The registered tasks a config gets without naming them (a teacher split, a trained teacher
+    and a test column each): every task but the opt-in ones (``Task.opt_in``, e.g. ``features``,
+    whose labels only come from a teacher the config names)."""
+    return tuple(n for n in registered_task_names() if not getattr(get_task_class(n), "opt_in", False))
+
+
 def get_task_class(name: str) -> type:
     """The registered Task subclass called ``name``."""
     _load_builtins()

@@ -19,13 +19,13 @@ import pytest
 from PIL import Image
 
 from must_ray.label.store import OutputStore
-from must_ray.tasks import registered_task_names
+from must_ray.tasks import default_task_names
 from tests.cluster_box import NodeLog, alive_workers, kill_node, start_box, wait_for
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[1]
-RANDOM_TEACHERS = [x for t in registered_task_names() for x in ("--set", f"label.teachers.{t}.kind=random")]
+RANDOM_TEACHERS = [x for t in default_task_names() for x in ("--set", f"label.teachers.{t}.kind=random")]
 IDLE_TIMEOUT_S = 10
 
 

@@ -23,7 +23,7 @@ def test_yaml_merges_into_defaults_and_set_overrides(tmp_path):
     path.write_text("tasks:\n  detection: {score_threshold: 0.5}\nworld: {image_size: 32}\n")
     cfg = load_config(path, ["world.splits.test.num=7", "tasks.depth.max_depth=10", "paths.root=/x/y"])
     assert cfg.tasks["detection"].score_threshold == 0.5
-    assert set(cfg.tasks) == {"classification", "detection", "segmentation", "depth", "normals"}
+    assert set(cfg.tasks) == {"classification", "detection", "segmentation", "depth", "normals", "features"}
     assert cfg.world.image_size == 32 and cfg.world.splits["test"].num == 7
     assert cfg.tasks["depth"].max_depth == 10.0 and isinstance(cfg.tasks["depth"].max_depth, float)
     assert cfg.paths.resolve("labels") == "/x/y/labels"

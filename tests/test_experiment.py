@@ -51,11 +51,25 @@ def _sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_arms_start_from_the_seed_and_redo_only_what_their_keys_change(ray_session, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
+@pytest.fixture(scope="module")
+def tiny_experiment(ray_session, tmp_path_factory):
+    """One tiny experiment run (seed + three arms), shared by the tests that read it."""
+    tmp_path = tmp_path_factory.mktemp("experiment")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.3")
+    depth_teacher = str(tmp_path / "seed" / "teachers" / "depth" / "model.pt")
     spec, base = load_experiment(_experiment(tmp_path, {
-        "pool": {"world.splits.unlabeled.num": 24}, "rounds2": {"rounds": 2}}))
-    first = run_experiment(spec, base)
+        "pool": {"world.splits.unlabeled.num": 24}, "rounds2": {"rounds": 2},
+        "features": {"label.tasks": ["depth", "features"], "tasks.features.stride": 8,
+                     "label.teachers.features": {"kind": "backbone", "path": depth_teacher}}}))
+    try:
+        yield spec, base, run_experiment(spec, base), tmp_path
+    finally:
+        mp.undo()
+
+
+def test_arms_start_from_the_seed_and_redo_only_what_their_keys_change(tiny_experiment):
+    spec, base, first, tmp_path = tiny_experiment
     assert first["seed"]["ran"] == ["world", "teachers", "label"]
     assert first["arms"]["rounds2"]["ran"] == ["student", "label_r2", "student_r2", "evaluate", "transfer"]
     rounds = tmp_path / "exp" / "rounds2"
@@ -76,8 +90,9 @@ def test_arms_start_from_the_seed_and_redo_only_what_their_keys_change(ray_sessi
     assert pq.read_table(rounds / "labels").num_rows == 16
 
     results = json.loads(open(first["files"]["results_json"]).read())["arms"]
-    assert sorted(results) == ["pool", "rounds2"] and results["pool"]["x"] == 24 and results["rounds2"]["x"] == 16
-    depth = {arm: r["tasks"]["depth"] for arm, r in results.items()}
+    assert sorted(results) == ["features", "pool", "rounds2"]
+    assert results["pool"]["x"] == 24 and results["rounds2"]["x"] == 16
+    depth = {arm: r["tasks"]["depth"] for arm, r in results.items() if arm != "features"}
     assert all(d["metric"] == "abs_rel" and d["ratio"] == pytest.approx(d["student"] / d["teacher"])
                for d in depth.values())
     assert len({d["teacher"] for d in depth.values()}) == 1  # one teacher, shared
@@ -92,9 +107,49 @@ def test_arms_start_from_the_seed_and_redo_only_what_their_keys_change(ray_sessi
     again = run_experiment(spec, base, arms=["pool"])
     assert again["seed"]["ran"] == [] and again["arms"] == {"pool": {"ran": [], "skipped": [
         "world", "teachers", "label", "student", "evaluate", "transfer"]}}
-    assert sorted(json.loads(open(again["files"]["results_json"]).read())["arms"]) == ["pool", "rounds2"]
+    assert sorted(json.loads(open(again["files"]["results_json"]).read())["arms"]) == ["features", "pool", "rounds2"]
     reported, files = report_experiment(spec, base)  # --report-only: no step runs
     assert reported == results and files["results_md"] == first["files"]["results_md"]
+
+
+def test_a_features_arm_distils_the_named_backbone_and_trains_no_teacher_for_it(tiny_experiment):
+    import numpy as np
+    import torch
+
+    from must_ray.images import decode_image_rgb
+    from must_ray.models import images_to_tensor, load_model
+    from must_ray.models.precision import autocast, resolve_precision
+    from must_ray.table import decode_column
+    from must_ray.tasks import build_task
+
+    spec, base, first, tmp_path = tiny_experiment
+    arm = tmp_path / "exp" / "features"
+    assert first["arms"]["features"]["ran"] == ["label", "student", "evaluate", "transfer"]
+    assert not (arm / "teachers" / "features").exists()
+    teachers = {tuple(t["tasks"]): t for t in read_provenance(str(arm / "labels"))["teachers"]}
+    depth_teacher = tmp_path / "seed" / "teachers" / "depth" / "model.pt"
+    assert teachers[("features",)]["kind"] == "backbone" and teachers[("features",)]["sha256"] == _sha(depth_teacher)
+
+    cfg = arm_config(spec, base, "features")
+    table = pq.read_table(arm / "labels").sort_by("image_id")
+    assert table.column("features_map").null_count == 0 and table.num_rows == 16
+    task = build_task("features", 1, cfg.tasks["features"])
+    labels = decode_column(task, table)
+    assert {lab.shape for lab in labels} == {(4, 4, 64)}  # 32-pixel images at stride 8, dim 64
+    images = np.stack([decode_image_rgb(b) for b in table.column("image").to_pylist()])
+    backbone = load_model(str(depth_teacher))[0].backbone
+    level = list(backbone.feature_info.reduction()).index(8)
+    with torch.inference_mode():
+        with autocast(resolve_precision(cfg.label.precision, "cpu"), "cpu"):
+            feats = backbone(images_to_tensor(images))[level]
+        direct = task.teacher_labels(feats.float(), images.shape[1:3])
+    for lab, want in zip(labels, direct):
+        assert np.abs(lab - want).mean() < 0.05 and np.allclose(lab.mean(-1), 0, atol=0.02)
+
+    student, _ = load_model(str(arm / "student" / "model.pt"))
+    assert set(student.heads) == {"depth", "features"} and student.heads["features"].pred.out_channels == 64
+    rounds_student = tmp_path / "exp" / "rounds2" / "student" / "model.pt"  # the same recipe without features
+    assert "features" not in load_model(str(rounds_student))[0].heads
 
 
 def test_a_bad_experiment_file_is_one_line_before_ray_starts(tmp_path):

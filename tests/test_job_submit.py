@@ -36,11 +36,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from must_ray.table import validate_table
-from must_ray.tasks import registered_task_names
+from must_ray.tasks import default_task_names
 from tests.conftest import REPO
 from tests.ray_head import RAY_BIN, MetricsWatcher
 
-TASKS = list(registered_task_names())
+TASKS = list(default_task_names())
 N_IMAGES = 64
 SHARD = 16
 STEPS = 20

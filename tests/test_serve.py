@@ -14,7 +14,7 @@ from PIL import Image
 from must_ray.config import load_config
 from must_ray.label.teachers import TeacherSet, TeacherSpec
 from must_ray.models import MultiTaskModel, save_model
-from must_ray.tasks import build_tasks, registered_task_names
+from must_ray.tasks import build_tasks, default_task_names
 from tests.conftest import REPO
 
 CLASSES = ["cube", "ball", "cone", "ring", "slab"]
@@ -41,7 +41,7 @@ def served(ray_session, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
-    tasks = registered_task_names()
+    tasks = default_task_names()
     model = MultiTaskModel("test_resnet", build_tasks(tasks, len(CLASSES)), fpn_channels=16).eval()
     path = save_model(str(tmp / "student.pt"), model, num_classes=len(CLASSES), task_cfgs={}, classes=CLASSES,
                       image_size=SIZE, fpn_channels=16)
@@ -66,7 +66,7 @@ def _post(url: str, body: bytes, content_type: str = "image/png", **params) -> r
 
 def _local_labels(served, png: bytes) -> dict:
     image = np.array(Image.open(io.BytesIO(png)).convert("RGB"))[None]
-    spec = TeacherSpec(registered_task_names(), "checkpoint", "student", path=served["path"])
+    spec = TeacherSpec(default_task_names(), "checkpoint", "student", path=served["path"])
     return TeacherSet([spec], served["cfg"], CLASSES, SIZE).predict(image)
 
 
@@ -75,7 +75,7 @@ def test_every_task_predicted_as_the_labeller_would(served):
     res = _post(served["url"], png, size="48x40")
     assert res.status_code == 200, res.text
     pred = res.json()["predictions"]
-    assert set(pred) == set(registered_task_names())
+    assert set(pred) == set(default_task_names())
     local = _local_labels(served, png)
     cls = pred["classification"]
     assert [t["class_id"] for t in cls["topk"]] == local["classification"][0]["topk_ids"].tolist()
@@ -83,7 +83,7 @@ def test_every_task_predicted_as_the_labeller_would(served):
     det = pred["detection"]["boxes"]
     assert len(det) == len(local["detection"][0]["boxes"])
     assert all(b["name"] in CLASSES and 0 <= b["score"] <= 1 and len(b["box_px"]) == 4 for b in det)
-    tasks = build_tasks(registered_task_names(), len(CLASSES))
+    tasks = build_tasks(default_task_names(), len(CLASSES))
     for name in ("segmentation", "depth", "normals"):
         cells = {k: base64.b64decode(v) if k.endswith("_png") else v for k, v in pred[name].items()
                  if k not in ("size", "encoding")}

@@ -28,11 +28,11 @@ from must_ray.label.plan import load_plan
 from must_ray.label.run import run_labeling
 from must_ray.label.store import QUARANTINE_SCHEMA, OutputStore
 from must_ray.table import TableNotFoundError, non_table_files, open_table, table_files
-from must_ray.tasks import registered_task_names
+from must_ray.tasks import default_task_names
 from tests.conftest import REPO
 
 N_SCENES = 6
-RANDOM = [f"label.teachers.{t}.kind=random" for t in registered_task_names()]
+RANDOM = [f"label.teachers.{t}.kind=random" for t in default_task_names()]
 
 
 def reader_ids(folder: str, ray, nested: bool = False) -> dict[str, list[str]]:

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from must_ray.task_registry import (
     TaskConfig,
+    default_task_names,
     get_task_class,
     probe_task_names,
     register_task,
@@ -32,5 +33,5 @@ def build_tasks(names: Iterable[str], num_classes: int, task_cfgs: Optional[Mapp
     return {n: build_task(n, num_classes, task_cfgs.get(n)) for n in names}
 
 
-__all__ = ["Crop", "Task", "TaskConfig", "build_task", "build_tasks", "get_task_class", "probe_task_names",
-           "register_task", "registered_task_names"]
+__all__ = ["Crop", "Task", "TaskConfig", "build_task", "build_tasks", "default_task_names", "get_task_class",
+           "probe_task_names", "register_task", "registered_task_names"]

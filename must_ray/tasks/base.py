@@ -71,6 +71,9 @@ class Task(ABC):
     #: the light transfer probe (:mod:`must_ray.evaluate.transfer`): ``"image"`` (a ridge on the
     #: pooled features), ``"pixel"`` (a ridge on per-pixel features) or ``None`` (no light probe)
     probe: Optional[str] = None
+    #: True when a config gets this task only by naming it (``label.teachers.<name>``, a split's
+    #: ``tasks``): no default teacher split, trained teacher or test column (``default_task_names``)
+    opt_in: bool = False
 
     def __init__(self, num_classes: int, cfg: Any = None):
         """``num_classes``: object categories of the world/dataset (tasks that have no classes

@@ -15,11 +15,11 @@ from must_ray import table as S
 from must_ray.datasets.exporters import depth_units, export_labels, file_stem
 from must_ray.datasets.importers import DatasetError
 from must_ray.images import decode_png, encode_png
-from must_ray.tasks import build_tasks, registered_task_names
+from must_ray.tasks import build_tasks, default_task_names
 from must_ray.tasks.normals import encode_normals
 from tests.datasets.test_importers import NAMES, H, W, world_truth
 
-TASKS = list(registered_task_names())
+TASKS = list(default_task_names())
 
 
 def write_multitask_table(path, truth, provenance=None) -> list[dict]:

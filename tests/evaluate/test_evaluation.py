@@ -28,12 +28,12 @@ from must_ray.evaluate.scoring import (
 from must_ray.io import strict_json
 from must_ray.models import MultiTaskModel, images_to_tensor, save_model
 from must_ray.table import decode_column, examples_schema, iter_table_batches
-from must_ray.tasks import build_tasks, registered_task_names
+from must_ray.tasks import build_tasks, default_task_names
 from must_ray.world import CATEGORIES, NUM_CATEGORIES
 from must_ray.world.splits import RenderBatch, split_provenance
 from tests.conftest import REPO
 
-ALL = list(registered_task_names())
+ALL = list(default_task_names())
 
 
 def _no_constants(text: str):

@@ -33,11 +33,11 @@ from must_ray.label.inputs import (
 from must_ray.label.labeler import quarantine_rows
 from must_ray.label.paths import IGNORED_KINDS, check_output_dir
 from must_ray.label.run import LabelRun, check_label_paths, run_labeling
-from must_ray.tasks import registered_task_names
+from must_ray.tasks import default_task_names
 from must_ray.typed_config import ConfigError
 from tests.conftest import REPO
 
-RANDOM = [f"label.teachers.{t}.kind=random" for t in registered_task_names()]
+RANDOM = [f"label.teachers.{t}.kind=random" for t in default_task_names()]
 
 
 def _cfg(root, *sets):

@@ -26,12 +26,12 @@ from must_ray.label.store import OutputStore
 from must_ray.models import MultiTaskModel, file_sha256, images_to_tensor, load_model, save_model
 from must_ray.models.precision import autocast, resolve_precision, to_float32
 from must_ray.table import read_provenance, validate_table
-from must_ray.tasks import build_tasks, registered_task_names
+from must_ray.tasks import build_tasks, default_task_names
 from must_ray.typed_config import ConfigError
 from must_ray.world import CATEGORIES
 from tests.conftest import REPO
 
-TASKS = list(registered_task_names())
+TASKS = list(default_task_names())
 RANDOM = [f"label.teachers.{t}.kind=random" for t in TASKS]
 N_IMAGES = 24
 

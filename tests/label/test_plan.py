@@ -22,12 +22,12 @@ from must_ray.label.plan import Plan, load_plan, write_plan
 from must_ray.label.run import LabelRun, label_shard_size
 from must_ray.label.store import OutputStore
 from must_ray.label.verify import verify_output
-from must_ray.tasks import registered_task_names
+from must_ray.tasks import default_task_names
 from must_ray.typed_config import ConfigError
 from tests.conftest import REPO
 from tests.test_table_readers import assert_read_as
 
-RANDOM = [f"label.teachers.{t}.kind=random" for t in registered_task_names()]
+RANDOM = [f"label.teachers.{t}.kind=random" for t in default_task_names()]
 
 
 def _cfg(root, *sets):

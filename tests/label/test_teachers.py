@@ -269,3 +269,52 @@ def test_a_registered_kind_labels_through_the_registry(tmp_path):
         resolve_teachers(cfg, ["normals"], 64)
     with pytest.raises(ValueError, match="registered twice"):
         register_teacher_kind(type("Other", (TeacherKind,), {"name": "test_constant_depth"}))
+
+
+def test_backbone_teachers_label_features_from_a_timm_weights_file_or_a_model_file(tmp_path):
+    import timm
+
+    from must_ray.label.teachers.kinds.backbone import BackboneTeacher
+
+    torch.manual_seed(0)
+    timm_path = tmp_path / "backbone.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), timm_path)
+    model_path = tmp_path / "teacher.pt"
+    save_model(str(model_path), MultiTaskModel("test_resnet", {"depth": build_task("depth", 5)}, fpn_channels=16),
+               num_classes=5, task_cfgs={}, classes=list(CATEGORIES[:5]), image_size=64, fpn_channels=16)
+    images = _images(2)
+    for source in (["label.teachers.features.model_name=test_resnet", f"label.teachers.features.path={timm_path}"],
+                   [f"label.teachers.features.path={model_path}"]):
+        cfg = _cfg(tmp_path, "label.teachers.features.kind=backbone", "tasks.features.dim=32", *source)
+        specs, classes = resolve_teachers(cfg, ["features"], 64)
+        assert specs[0].kind == "backbone" and specs[0].sha256 == file_sha256(source[-1].split("=", 1)[1])
+        teachers = TeacherSet(specs, cfg, classes, 64)
+        labels = teachers.predict(images)["features"]
+        assert len(labels) == 2 and labels[0].shape == (4, 4, 32)  # 64 px at stride 16, 32 channels
+        np.testing.assert_allclose(labels[0].mean(-1), 0, atol=1e-3)
+        np.testing.assert_allclose(labels[0].std(-1), 1, atol=1e-2)
+        teacher = teachers.teachers[0]
+        assert isinstance(teacher, BackboneTeacher) and teacher.backbone.feature_info.reduction()[teacher.level] == 16
+    ref = timm.create_model("test_resnet")  # the timm weights really came from the file
+    ref.load_state_dict(torch.load(timm_path, weights_only=True))
+    cfg = _cfg(tmp_path, "label.teachers.features.kind=backbone", "label.teachers.features.model_name=test_resnet",
+               f"label.teachers.features.path={timm_path}")
+    built = TeacherSet(resolve_teachers(cfg, ["features"], 64)[0], cfg, CATEGORIES, 64).teachers[0].backbone
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in built.state_dict().items())
+
+
+def test_backbone_teacher_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"label.teachers.features: kind='backbone' needs a must-ray model file"):
+        _cfg(tmp_path, "label.teachers.features.kind=backbone")
+    with pytest.raises(ConfigError, match=r"model_name='resnet18' needs a weights file"):
+        _cfg(tmp_path, "label.teachers.features.kind=backbone", "label.teachers.features.model_name=resnet18")
+    (tmp_path / "plain.pth").write_bytes(b"not a model")
+    cfg = _cfg(tmp_path, "label.teachers.features.kind=backbone", f"label.teachers.features.path={tmp_path}/plain.pth")
+    with pytest.raises(ConfigError, match=r"features: .*plain.pth .*needs label.teachers.features.model_name"):
+        resolve_teachers(cfg, ["features"], 64)
+    cfg = _cfg(tmp_path, "label.teachers.depth.kind=backbone", f"label.teachers.depth.path={tmp_path}/plain.pth")
+    with pytest.raises(ConfigError, match="kind='backbone' labels features, not depth"):
+        resolve_teachers(cfg, ["depth"], 64)
+    cfg = _cfg(tmp_path, "label.teachers.features.kind=backbone", f"label.teachers.features.path={tmp_path}/none.pt")
+    with pytest.raises(ConfigError, match="backbone weights file not found"):
+        resolve_teachers(cfg, ["features"], 64)

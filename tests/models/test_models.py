@@ -18,14 +18,14 @@ from must_ray.models import (
     save_model,
 )
 from must_ray.models.export import read_model_header
-from must_ray.tasks import build_tasks, registered_task_names
+from must_ray.tasks import build_tasks, default_task_names
 from must_ray.tasks.depth import DepthConfig
 from must_ray.typed_config import ConfigError
 from tests.conftest import REPO
 
 
 def _model(tasks=None, **kw):
-    names = tasks or registered_task_names()
+    names = tasks or default_task_names()
     return MultiTaskModel("test_resnet", build_tasks(names, 5), fpn_channels=16, **kw)
 
 
@@ -35,8 +35,8 @@ def test_forward_every_task_and_predict():
     images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
     with torch.no_grad():
         out = model(images_to_tensor(images))
-    assert set(out) == set(registered_task_names())
-    tasks = build_tasks(registered_task_names(), 5)
+    assert set(out) == set(default_task_names())
+    tasks = build_tasks(default_task_names(), 5)
     for name, task in tasks.items():
         labels = task.predict(out[name], (64, 64))
         assert len(labels) == 2

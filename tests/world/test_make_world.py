@@ -11,7 +11,7 @@ import pytest
 
 from must_ray.images import decode_image_rgb
 from must_ray.table import decode_labels, read_provenance, validate_table
-from must_ray.tasks import get_task_class, registered_task_names
+from must_ray.tasks import default_task_names, get_task_class
 from must_ray.typed_config import ConfigError
 from must_ray.world.labels import render_labelled
 from must_ray.world.splits import check_split_output, image_file_name, image_id_for, write_split
@@ -39,8 +39,8 @@ def test_make_world_job_writes_identical_test_split_twice(ray_session, demo_conf
 
     table = pq.read_table(outs[0])
     assert table.num_rows == 64
-    assert validate_table(table) == list(registered_task_names())
-    for task in registered_task_names():
+    assert validate_table(table) == list(default_task_names())
+    for task in default_task_names():
         assert table.column(get_task_class(task).presence_column()).null_count == 0, task
     assert len(set(table.column("image_id").to_pylist())) == 64
     prov = read_provenance(str(outs[0]))
@@ -60,7 +60,7 @@ def test_write_split_matches_renderer(ray_session, demo_config, tmp_path):
                              min_objects=demo_config.world.min_objects, max_objects=demo_config.world.max_objects)
     for row, scene in zip(table.to_pylist(), scenes):
         assert np.array_equal(decode_image_rgb(row["image"]), scene["image"])
-        labels = decode_labels(row, registered_task_names())
+        labels = decode_labels(row, default_task_names())
         assert np.array_equal(labels["segmentation"], scene["segmentation"])
         assert labels["depth"] is None and labels["classification"] is None
         assert (image_dir / image_file_name(row["image_id"])).read_bytes() == row["image"]

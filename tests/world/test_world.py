@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from must_ray.tasks import build_tasks, registered_task_names
+from must_ray.tasks import build_tasks, default_task_names
 from must_ray.world import (
     CATEGORIES,
     DOMAINS,
@@ -81,7 +81,7 @@ def test_label_forms(scenes):
 
 def test_determinism_and_batch_independence(scenes):
     again = render_labelled(SEED, [11, 3, 40, 0], image_size=SIZE)  # other order, other batch
-    tasks = build_tasks(registered_task_names(), NUM_CATEGORIES)
+    tasks = build_tasks(default_task_names(), NUM_CATEGORIES)
     alone = [{**b, **scene_labels(b, tasks)} for b in render_batch([sample_scene(SEED, 40)], SIZE)]  # batch of one
     for a, idx in list(zip(again, [11, 3, 40, 0])) + [(alone[0], 40)]:
         ref = scenes[idx]
