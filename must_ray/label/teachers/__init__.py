@@ -20,6 +20,8 @@ one module each in ``kinds/`` (a new kind is one new module there, plus its name
     a timm classifier by ``model_name``; tempered softmax mapped into our classes, top-k.
 ``torchvision_detector``, ``torchvision_segmenter`` (``kinds/torchvision_*.py``)
     any ``torchvision.models.detection`` / ``.segmentation`` model by ``model_name``.
+``backbone`` (``kinds/backbone.py``)
+    a bare backbone (a must-ray model file's, or a timm one by ``model_name``) labels ``features``.
 
 The driver resolves every teacher once (:func:`resolve_teachers`: files read, hashed, the class
 vocabulary agreed — ``weights.py``); each actor builds them from the resolved specs
