@@ -39,6 +39,7 @@ from torch import nn
 from must_ray.tasks import TaskConfig, register_task
 from must_ray.tasks._layers import (
     ConvBNReLU,
+    DenseTask,
     FeatureFuser,
     as_array,
     as_bytes,
@@ -191,17 +192,9 @@ class FeaturesTask(Task):
 
     def metric_update(self, state: dict, preds: Sequence[Any], gts: Sequence[Any]) -> dict:
         state = dict(state)
-        if len(preds) != len(gts):
-            raise ValueError(f"{len(preds)} predictions for {len(gts)} ground truths")
-        for p, g in zip(preds, gts):
-            if g is None:
-                continue
-            g = torch.from_numpy(np.asarray(g, np.float32))
-            if p is None:
-                p = torch.zeros_like(g)
-            else:
-                p = np.ascontiguousarray(resize_nearest(np.asarray(p, np.float32), Crop(), g.shape[:2]))
-                p = torch.from_numpy(p)
+        for p, g in DenseTask.pairs(preds, gts):
+            g = torch.from_numpy(np.ascontiguousarray(g, np.float32))
+            p = torch.zeros_like(g) if p is None else torch.from_numpy(np.ascontiguousarray(p, np.float32))
             state["cosine"] += float(F.cosine_similarity(p, g, dim=-1, eps=1e-6).sum())
             state["smooth_l1"] += float(F.smooth_l1_loss(p, g, reduction="none").mean(-1).sum())
             state["count"] += int(g.shape[0] * g.shape[1])
