@@ -43,6 +43,7 @@ from must_ray.label.paths import check_output_dir
 from must_ray.label.plan import Plan, load_plan, write_plan
 from must_ray.label.store import OutputStore
 from must_ray.label.teachers import resolve_teachers
+from must_ray.label.teachers.weights import WeightsFiles
 from must_ray.label.verify import verify_output
 from must_ray.progress import progress_text
 from must_ray.table import examples_schema
@@ -115,11 +116,17 @@ def check_output(store: OutputStore) -> None:
 
 def check_label_paths(cfg: Config) -> None:
     """The labelling checks that need neither teachers nor Ray: the configured input (the default
-    is the world split the pipeline renders first) and the output. The pipeline runs them before
-    its first step, so a bad ``label.input`` fails before minutes of world and teachers."""
+    is the world split the pipeline renders first), the output, and every teacher file named by
+    ``path`` (the trained teachers' default paths are written by the steps before). The pipeline
+    runs them before its first step, so a bad path fails before minutes of world and teachers."""
     if cfg.label.input:
         resolve_input(cfg, cfg.label.input)
     check_output(OutputStore(label_output(cfg)))
+    for task in label_tasks(cfg):
+        path = cfg.label.teachers[task].path
+        if path and not WeightsFiles.exists(path):
+            raise ConfigError(f"label.teachers.{task}.path: file not found: {path} (kind="
+                              f"{cfg.label.teachers[task].kind}); point it at the teacher's weights or model file")
 
 
 # ----------------------------------------------------------------------------- resolve + plan

@@ -114,3 +114,13 @@ def test_augment_metric_and_config():
                               ("l1_weight", -1, "l1_weight must be >= 0")):
         with pytest.raises(ConfigError, match=f"tasks.features.{match}"):
             load_config(None, [f"tasks.features.{key}={value}"])
+
+
+def test_a_missing_feature_teacher_fails_the_pipeline_before_any_step(tmp_path):
+    from must_ray.pipeline import run_pipeline
+
+    cfg = load_config(None, [f"paths.root={tmp_path}/run", "label.teachers.features.kind=backbone",
+                             f"label.teachers.features.path={tmp_path}/missing.pt"])
+    with pytest.raises(ConfigError, match=r"^label.teachers.features.path: file not found: .*missing.pt \(kind=back"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run" / "world").exists()
