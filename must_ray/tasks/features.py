@@ -65,8 +65,8 @@ class FeaturesConfig(TaskConfig):
         super().validate(key)
         if self.stride < 1:
             raise ConfigError(f"{key}.stride must be >= 1, got {self.stride}")
-        if not 1 <= self.dim <= 4096:
-            raise ConfigError(f"{key}.dim must be in [1, 4096], got {self.dim}")
+        if not 2 <= self.dim <= 4096:
+            raise ConfigError(f"{key}.dim must be in [2, 4096] (standardised over its channels), got {self.dim}")
         if self.l1_weight < 0:
             raise ConfigError(f"{key}.l1_weight must be >= 0, got {self.l1_weight}")
 

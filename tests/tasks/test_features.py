@@ -110,7 +110,7 @@ def test_augment_metric_and_config():
                               task.metric_update(task.metric_state(), [other], [other]))
     assert task.metric_compute(whole) == pytest.approx(task.metric_compute(parts))
     assert task.metric_compute(whole)["cosine"] < 0.9
-    for key, value, match in (("stride", 0, "stride must be >= 1"), ("dim", 0, r"dim must be in \[1, 4096\]"),
+    for key, value, match in (("stride", 0, "stride must be >= 1"), ("dim", 1, r"dim must be in \[2, 4096\]"),
                               ("l1_weight", -1, "l1_weight must be >= 0")):
         with pytest.raises(ConfigError, match=f"tasks.features.{match}"):
             load_config(None, [f"tasks.features.{key}={value}"])

@@ -48,6 +48,8 @@ class BackboneTeacher(Teacher):
 
 @register_teacher_kind
 class BackboneKind(TeacherKind):
+    """``backbone``: a bare backbone labels ``features`` (the module docstring says where it comes from)."""
+
     name = "backbone"
     labels = ("features",)
     provenance_keys = ("input_size", "pretrained")
