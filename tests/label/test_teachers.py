@@ -262,7 +262,7 @@ def test_a_registered_kind_labels_through_the_registry(tmp_path):
     labels = TeacherSet(specs, cfg, classes, 64).predict(_images(2))
     assert len(labels["depth"]) == 2 and np.all(labels["depth"][0] == 2.5)
     cfg.label.teachers["depth"].kind = "no_such_kind"
-    with pytest.raises(ConfigError, match="unknown teacher kind 'no_such_kind'; known: checkpoint, random"):
+    with pytest.raises(ConfigError, match="unknown teacher kind 'no_such_kind'; known: backbone, checkpoint, random"):
         resolve_teachers(cfg, ["depth"], 64)
     with pytest.raises(ConfigError, match="labels depth, not normals"):
         cfg.label.teachers["normals"].kind = "test_constant_depth"
