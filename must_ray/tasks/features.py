@@ -119,7 +119,7 @@ class FeaturesTask(Task):
         grid = self.grid(image_size)
         x = F.adaptive_avg_pool2d(x, grid) if x.shape[-2] >= grid[0] else resize_map(x, grid)
         x = torch.einsum("dc,bchw->bdhw", self.projection(x.shape[1]).to(x.device), x)
-        return [m for m in standardise(x).permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)]
+        return channel_last_maps(standardise(x))
 
     # ------------------------------------------------------------------ table
     @classmethod
@@ -163,8 +163,10 @@ class FeaturesTask(Task):
             if arr.shape[:2] != (h, w):
                 arr = resize_nearest(arr, Crop(), (h, w))
             maps.append(arr)
-        stacked = torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2) if maps else torch.zeros((0, 1, h, w))
-        return {"features": stacked.contiguous(), "mask": label_rows(labels)}
+        if not maps:
+            return {"features": torch.zeros((0, int(self.cfg.dim), h, w)), "mask": label_rows(labels)}
+        stacked = torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).contiguous()
+        return {"features": stacked, "mask": label_rows(labels)}
 
     def loss(self, outputs: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = targets["mask"].to(outputs.device)
@@ -183,8 +185,7 @@ class FeaturesTask(Task):
         """Raw outputs on the grid of ``image_size`` as (h, w, dim) float32 maps (what a student
         writes as a feature teacher in a later round)."""
         with torch.no_grad():
-            x = resize_map(outputs.detach().float(), self.grid(image_size)).cpu()
-            return [m for m in x.permute(0, 2, 3, 1).numpy().astype(np.float32)]
+            return channel_last_maps(resize_map(outputs.detach().float(), self.grid(image_size)))
 
     # ------------------------------------------------------------------ evaluation
     def metric_state(self) -> dict[str, float]:
@@ -234,6 +235,11 @@ class FeaturesTask(Task):
         return Legend(self.name, note="channels 0-2 as RGB, -2..2 std")
 
 
+def channel_last_maps(x: torch.Tensor) -> list[np.ndarray]:
+    """(B, C, h, w) -> B float32 labels of (h, w, C): the task's label form, from a teacher or a head."""
+    return list(x.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32))
+
+
 def standardise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """(B, C, h, w) maps with each location's C-vector at zero mean and unit variance."""
     mean = x.mean(1, keepdim=True)
@@ -241,4 +247,4 @@ def standardise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (x - mean) / torch.sqrt(var + eps)
 
 
-__all__ = ["FeaturesTask", "FeaturesConfig", "FeaturesHead", "standardise"]
+__all__ = ["FeaturesTask", "FeaturesConfig", "FeaturesHead", "channel_last_maps", "standardise"]

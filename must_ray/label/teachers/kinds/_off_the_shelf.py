@@ -20,9 +20,13 @@ class OffTheShelfKind(TeacherKind):
         if tcfg.path and not files.exists(tcfg.path):
             raise ConfigError(f"label.teachers.{task}: weights file not found: {tcfg.path}")
 
+    def teacher_name(self, tcfg: TeacherConfig) -> str:
+        """The teacher's name in logs and provenance: ``<kind>:<model_name>``."""
+        return f"{self.name}:{tcfg.model_name}"
+
     def spec(self, cfg: Config, task: str, tcfg: TeacherConfig, files: WeightsFiles, classes: Sequence[str],
              image_size: int) -> TeacherSpec:
-        return TeacherSpec([task], self.name, f"{self.name}:{tcfg.model_name}", path=tcfg.path,
+        return TeacherSpec([task], self.name, self.teacher_name(tcfg), path=tcfg.path,
                            model_name=tcfg.model_name, sha256=files.sha256(tcfg.path) if tcfg.path else None,
                            cfg=config_to_dict(tcfg), blob=files.read(tcfg.path) if tcfg.path else None)
 

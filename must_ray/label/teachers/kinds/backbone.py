@@ -12,14 +12,16 @@ from typing import Any, Optional, Sequence
 import torch
 
 from must_ray.config import Config, TeacherConfig
-from must_ray.label.teachers.base import Teacher, TeacherKind, TeacherSpec, register_teacher_kind
+from must_ray.label.teachers.base import Teacher, TeacherSpec, register_teacher_kind
+from must_ray.label.teachers.kinds._off_the_shelf import OffTheShelfKind
+from must_ray.label.teachers.kinds.checkpoint import model_header
 from must_ray.label.teachers.pixels import normalise, resample
 from must_ray.label.teachers.weights import WeightsFiles, materialised
 from must_ray.models import load_model
-from must_ray.models.export import ModelFileError, model_payload
+from must_ray.models.export import ModelFileError
 from must_ray.models.multitask import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from must_ray.tasks import Task, build_task
-from must_ray.typed_config import ConfigError, config_to_dict
+from must_ray.typed_config import ConfigError
 
 
 def nearest_level(reductions: Sequence[int], stride: int) -> int:
@@ -47,7 +49,7 @@ class BackboneTeacher(Teacher):
 
 
 @register_teacher_kind
-class BackboneKind(TeacherKind):
+class BackboneKind(OffTheShelfKind):
     """``backbone``: a bare backbone labels ``features`` (the module docstring says where it comes from)."""
 
     name = "backbone"
@@ -59,17 +61,14 @@ class BackboneKind(TeacherKind):
             raise ConfigError(f"label.teachers.{task}: backbone weights file not found: {tcfg.path}")
         if tcfg.path and not tcfg.model_name:
             try:
-                files.parsed(tcfg.path, lambda data: model_payload(data)["backbone"])
+                files.parsed(tcfg.path, model_header)
             except ModelFileError as exc:
                 raise ModelFileError(f"label.teachers.{task}: {tcfg.path} {exc}; a timm weights file needs "
                                      f"label.teachers.{task}.model_name") from None
 
-    def spec(self, cfg: Config, task: str, tcfg: TeacherConfig, files: WeightsFiles, classes: Sequence[str],
-             image_size: int) -> TeacherSpec:
-        name = f"backbone:{tcfg.model_name or os.path.basename(os.path.dirname(os.path.abspath(tcfg.path)))}"
-        return TeacherSpec([task], self.name, name, path=tcfg.path, model_name=tcfg.model_name,
-                           sha256=files.sha256(tcfg.path) if tcfg.path else None, cfg=config_to_dict(tcfg),
-                           blob=files.read(tcfg.path) if tcfg.path else None)
+    def teacher_name(self, tcfg: TeacherConfig) -> str:
+        """``backbone:<model_name>``, or ``backbone:<folder of the model file>`` (e.g. the teacher's task)."""
+        return f"{self.name}:{tcfg.model_name or os.path.basename(os.path.dirname(os.path.abspath(tcfg.path)))}"
 
     def build(self, spec: TeacherSpec, cfg: Config, classes: Sequence[str], image_size: int,
               device: str | torch.device) -> Teacher:

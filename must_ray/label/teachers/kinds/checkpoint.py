@@ -53,8 +53,9 @@ class MustTeacher(Teacher):
         return {t: self.task_objs[t].predict(out[t], size) for t in self.tasks}
 
 
-def _model_header(data: bytes) -> dict:
-    """A must-ray model file's payload without its weights (:class:`ModelFileError` for another file)."""
+def model_header(data: bytes) -> dict:
+    """A must-ray model file's payload without its weights (:class:`ModelFileError` for another file);
+    the one parse every kind hands to ``WeightsFiles.parsed``, so a file two kinds read is parsed once."""
     return {k: v for k, v in model_payload(data).items() if k != "state_dict"}
 
 
@@ -99,7 +100,7 @@ class CheckpointKind(TeacherKind):
                 f"(jobs/train_teacher.py --task {task}), point --set label.teachers.{task}.path=FILE at a model "
                 f"file, or do a dry run with a random-init teacher: --set label.teachers.{task}.kind=random")
         try:
-            info = files.parsed(path, _model_header)
+            info = files.parsed(path, model_header)
         except ModelFileError as exc:
             raise ModelFileError(f"label.teachers.{task}: {path} {exc}") from None
         if task not in info["tasks"]:
@@ -108,13 +109,13 @@ class CheckpointKind(TeacherKind):
     def vocabulary(self, cfg: Config, task: str, tcfg: TeacherConfig,
                    files: WeightsFiles) -> Optional[tuple[str, list[str], int]]:
         path = self.path(cfg, task, tcfg)
-        info = files.parsed(path, _model_header)
+        info = files.parsed(path, model_header)
         return path, list(info.get("classes") or []), int(info["num_classes"])
 
     def spec(self, cfg: Config, task: str, tcfg: TeacherConfig, files: WeightsFiles, classes: Sequence[str],
              image_size: int) -> TeacherSpec:
         path = self.path(cfg, task, tcfg)
-        info = files.parsed(path, _model_header)
+        info = files.parsed(path, model_header)
         return TeacherSpec([task], self.name, task, path=path, sha256=files.sha256(path), cfg=config_to_dict(tcfg),
                            classes=list(info.get("classes") or []), blob=files.read(path))
 
@@ -151,4 +152,4 @@ class RandomKind(CheckpointKind):
                            cfg=config_to_dict(tcfg), classes=list(classes), blob=data)
 
 
-__all__ = ["CheckpointKind", "RandomKind", "MustTeacher", "random_teacher_bytes"]
+__all__ = ["CheckpointKind", "RandomKind", "MustTeacher", "model_header", "random_teacher_bytes"]
